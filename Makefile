@@ -1,0 +1,39 @@
+# The two commands of README.md. Both build .venv from the lock files, so a fresh clone with only
+# Python 3.11 gets exactly the pinned environment. pip (not uv/poetry) is used on purpose: the
+# pinned torch CPU wheel is resolved through pip's find-links.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LOCK := requirements/lock.txt
+DEV_LOCK := requirements/dev-lock.txt
+
+.PHONY: quickstart test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "recforge needs Python >= 3.11, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+
+# Stamp files: reinstall only when a lock file or pyproject.toml changes.
+$(VENV)/.installed: $(BIN)/python $(LOCK) pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed $(DEV_LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r $(DEV_LOCK)
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(BIN)/recforge quickstart
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,257 @@
+"""Typed, strict, frozen configuration.
+
+Config enters recforge at one boundary (the CLI or the pipeline); library functions take the
+sections they need as explicit arguments. Every model here forbids unknown keys, and `load`
+reports every problem at once, each named by its dotted path, so a typo like `train.lr_rate=...`
+fails immediately instead of silently training with the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message lists every offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelConfig(_Strict):
+    """How the label column turns into a 0/1 click target.
+
+    click: values must be 0 or 1. rating: values in [min, max]; label = rating >= threshold.
+    implicit: every logged event is a positive; negatives are sampled (see NegativesConfig).
+    """
+
+    kind: Literal["click", "rating", "implicit"] = "click"
+    column: str | None = "label"
+    threshold: float = 4.0
+    min: float = 0.0
+    max: float = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelConfig:
+        if self.kind != "implicit" and not self.column:
+            raise ValueError(f"label.column is required for label kind '{self.kind}'")
+        if self.min > self.max:
+            raise ValueError(f"label.min ({self.min}) is greater than label.max ({self.max})")
+        return self
+
+
+class SchemaConfig(_Strict):
+    """Column roles of an event log. Names are the columns as they appear after reading."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    time: str = "timestamp"
+    label: LabelConfig = LabelConfig()
+    # Categorical columns describing the event (hour, device, ...).
+    context: list[str] = Field(default_factory=list)
+    # Categorical columns describing the item (category, ...): looked up per item for sampled negatives.
+    item_features: list[str] = Field(default_factory=list)
+    numeric: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> SchemaConfig:
+        names = [self.user, self.item, self.time, *self.context, *self.item_features, *self.numeric]
+        if self.label.column:
+            names.append(self.label.column)
+        seen: set[str] = set()
+        repeated = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+        if repeated:
+            raise ValueError(f"schema gives more than one role to column(s) {repeated}")
+        return self
+
+    @property
+    def categorical(self) -> list[str]:
+        """Every categorical field in model order: user, item, context, item features."""
+        return [self.user, self.item, *self.context, *self.item_features]
+
+
+class SplitConfig(_Strict):
+    """time: global cut points at timestamp quantiles (no event of the future in train).
+    leave_last_out: each user's last event is test, the one before valid (users with < 3 events
+    stay wholly in train)."""
+
+    method: Literal["time", "leave_last_out"] = "time"
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise ValueError("split.valid_fraction + split.test_fraction must be below 1")
+        return self
+
+
+class VocabConfig(_Strict):
+    min_count: int = Field(1, ge=1)
+    # field -> number of hash buckets; hashed fields need no vocabulary (huge id spaces).
+    hash_buckets: dict[str, int] = Field(default_factory=dict)
+
+
+class NegativesConfig(_Strict):
+    """Negative sampling for implicit logs (ignored for click/rating labels)."""
+
+    per_positive: int = Field(4, ge=1)
+    strategy: Literal["uniform", "popularity"] = "popularity"
+    # Popularity weights are count ** alpha (0.75 as in word2vec).
+    alpha: float = Field(0.75, ge=0.0)
+
+
+class GenerateConfig(_Strict):
+    """The synthetic world behind `recforge data generate` and the quickstart."""
+
+    users: int = Field(20_000, ge=10)
+    items: int = Field(5_000, ge=10)
+    events: int = Field(1_000_000, ge=100)
+    days: int = Field(14, ge=1)
+    categories: int = Field(40, ge=2)
+    latent_dim: int = Field(8, ge=1)
+    seed: int = 7
+    start_date: str = "2026-01-01"
+
+
+class DataConfig(_Strict):
+    # A file or a directory of files; None means the generated synthetic log under workdir.
+    source: str | None = None
+    format: Literal["auto", "parquet", "csv", "movielens"] = "auto"
+    schema_: SchemaConfig = Field(SchemaConfig(), alias="schema")
+    split: SplitConfig = SplitConfig()
+    vocab: VocabConfig = VocabConfig()
+    negatives: NegativesConfig = NegativesConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "dnn"
+    embedding_dim: int = Field(16, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [256, 128])
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(4096, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    # adam: one dense Adam; sparse_adam: sparse embedding gradients + SparseAdam for the table
+    # (touches only the rows a batch uses) and Adam for the rest.
+    optimizer: Literal["adam", "sparse_adam"] = "adam"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    patience: int = Field(2, ge=1)
+    early_stopping_metric: Literal["auc", "gauc", "logloss"] = "auc"
+    checkpoint_every: int = Field(200, ge=0)  # steps; 0 = only at epoch end
+    log_every: int = Field(50, ge=1)
+    eval_batch_size: int = Field(65536, ge=1)
+    progress: bool = True
+
+
+class Config(_Strict):
+    seed: int = 42
+    # Where generated data, prepared datasets and runs go unless a path below says otherwise.
+    workdir: str = "runs/quickstart"
+    prepared_dir: str | None = None
+    run_dir: str | None = None
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def resolved_source(self) -> Path:
+        return Path(self.data.source) if self.data.source else Path(self.workdir) / "raw" / "events"
+
+    @property
+    def resolved_prepared_dir(self) -> Path:
+        return Path(self.prepared_dir) if self.prepared_dir else Path(self.workdir) / "prepared"
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.workdir) / "run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings -> nested dict; values are parsed as YAML (so 3, 1e-3, [1,2], true work)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{where}'")
+        else:
+            lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply `key=value` overrides, validate strictly."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return from_dict(tree)
