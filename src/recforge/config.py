@@ -52,11 +52,12 @@ class SchemaConfig(_Strict):
     item: str = "item_id"
     time: str = "timestamp"
     label: LabelConfig = LabelConfig()
+    # Defaults describe the synthetic world's log (the embedded default data set).
     # Categorical columns describing the event (hour, device, ...).
-    context: list[str] = Field(default_factory=list)
+    context: list[str] = Field(default_factory=lambda: ["hour", "device"])
     # Categorical columns describing the item (category, ...): looked up per item for sampled negatives.
-    item_features: list[str] = Field(default_factory=list)
-    numeric: list[str] = Field(default_factory=list)
+    item_features: list[str] = Field(default_factory=lambda: ["category"])
+    numeric: list[str] = Field(default_factory=lambda: ["position"])
 
     @model_validator(mode="after")
     def _no_repeats(self) -> SchemaConfig:
@@ -155,6 +156,11 @@ class TrainConfig(_Strict):
     log_every: int = Field(50, ge=1)
     eval_batch_size: int = Field(65536, ge=1)
     progress: bool = True
+    # End the run after this many steps in all, leaving a checkpoint to `--resume` from
+    # (time-boxed runs; also how interruption is rehearsed). None: run every epoch.
+    stop_after_steps: int | None = Field(None, ge=1)
+    # Threads for CPU math; None keeps torch's default (one per core).
+    threads: int | None = Field(None, ge=1)
 
 
 class Config(_Strict):

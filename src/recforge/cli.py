@@ -1,0 +1,209 @@
+"""`recforge ...`: thin commands, each calling one function of recforge.jobs.
+
+Every command takes `--config FILE` plus `key=value` overrides, prints human output on stderr/
+stdout and exits non-zero with a one-line reason on failure (the traceback only with
+RECFORGE_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recforge import config as config_module
+from recforge.config import Config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="recforge: train, evaluate and ship recommenders.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Generate, validate and prepare behaviour logs.")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2")]
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> Config:
+    return config_module.load(config, overrides or [])
+
+
+def _log(message: str) -> None:
+    err.print(message, highlight=False)
+
+
+def _fail(exc: BaseException) -> None:
+    if os.environ.get("RECFORGE_DEBUG"):
+        raise exc
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2 if isinstance(exc, config_module.ConfigError) else 1)
+
+
+def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - a thin wrapper for uniform error output
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except (ValueError, OSError, RuntimeError, KeyError, ArithmeticError) as exc:
+        _fail(exc)
+
+
+@data_app.command("generate")
+def data_generate(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Write the synthetic world's behaviour log (seeded, deterministic) under WORKDIR/raw."""
+    from recforge import jobs
+
+    cfg = _run(_load, config, overrides)
+    summary = _run(jobs.generate, cfg)
+    _log(f"generated {summary['rows']:,} events ({summary['users']:,} users, {summary['items']:,} items, "
+         f"{summary['days']} days, CTR {summary['ctr']:.3f}) in {summary['seconds']:.1f}s -> "
+         f"{Path(cfg.workdir) / 'raw'}")
+    print(json.dumps(summary, default=str))
+
+
+def _print_validation(result, files) -> None:  # noqa: ANN001
+    report = result.report()
+    table = Table(title="validation")
+    table.add_column("what")
+    table.add_column("rows", justify="right")
+    table.add_row("read", f"{report['rows_read']:,}")
+    table.add_row("kept", f"{report['rows_kept']:,}")
+    table.add_row("quarantined", f"{report['rows_quarantined']:,}")
+    for reason, count in report["by_reason"].items():
+        if count:
+            table.add_row(f"  {reason}", f"{count:,}")
+    err.print(table)
+    for name, path in files.items():
+        _log(f"{name}: {path}")
+
+
+@data_app.command("validate")
+def data_validate(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where the quarantine and report go.")] = None,
+) -> None:
+    """Check a log against the schema: clean rows are counted, bad rows quarantined with a reason."""
+    from recforge import jobs
+
+    cfg = _run(_load, config, overrides)
+    outcome = _run(jobs.validate_source, cfg, out_dir)
+    _print_validation(outcome.result, outcome.files)
+    print(json.dumps(outcome.result.report()))
+
+
+@data_app.command("prepare")
+def data_prepare(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Validate, split by time, fit vocabularies on train only, write encoded arrays."""
+    from recforge import jobs
+
+    cfg = _run(_load, config, overrides)
+    info, result = _run(jobs.prepare_data, cfg)
+    _print_validation(result, {"prepared": info.path})
+    split = info.meta["split"]
+    _log("split: " + ", ".join(f"{name} {split[name]['rows']:,}" for name in ("train", "valid", "test")))
+    print(json.dumps({"prepared": str(info.path), "rows": info.meta["rows"],
+                      "splits": {k: split[k]["rows"] for k in ("train", "valid", "test")}}))
+
+
+@app.command("train")
+def train_cmd(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Train the configured model on the prepared dataset."""
+    from recforge import jobs
+
+    cfg = _run(_load, config, overrides)
+    result = _run(jobs.train_model, cfg, resume=resume, log=_log)
+    state = result.state
+    print(json.dumps({"run_dir": str(result.run_dir), "finished": state.finished,
+                      "interrupted": result.interrupted, "best_epoch": state.best_epoch,
+                      "best_valid": state.best_metric, "global_step": state.global_step}))
+    if result.interrupted:
+        raise typer.Exit(3)
+
+
+def _metrics_table(results: dict[str, dict[str, float]], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("scorer")
+    for name in ("AUC", "GAUC", "logloss"):
+        table.add_column(name, justify="right")
+    for scorer, metrics in results.items():
+        table.add_row(scorer, f"{metrics['auc']:.4f}", f"{metrics['gauc']:.4f}", f"{metrics['logloss']:.4f}")
+    return table
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    split: Annotated[str, typer.Option(help="Which prepared split to score.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
+) -> None:
+    """Score the trained model and the popularity baseline on the same held-out split."""
+    from recforge import jobs
+
+    cfg = _run(_load, config, overrides)
+    results = _run(jobs.evaluate_run, cfg, split)
+    if as_json:
+        print(json.dumps(results))
+    else:
+        out.print(_metrics_table(results, f"{split} split"))
+
+
+@app.command("quickstart")
+def quickstart(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Generate the synthetic world, prepare it, train the DNN ranker and evaluate it vs popularity."""
+    from recforge import jobs
+
+    cfg = _run(_load, config, overrides)
+    started = time.time()
+    _log(f"[bold]1/4 generate[/] synthetic world: {cfg.data.generate.users:,} users, "
+         f"{cfg.data.generate.items:,} items, {cfg.data.generate.events:,} events")
+    gen = _run(jobs.generate, cfg)
+    _log(f"    {gen['rows']:,} events, CTR {gen['ctr']:.3f}, {gen['seconds']:.1f}s")
+    _log("[bold]2/4 prepare[/]: validate, time split, vocabularies on train, encode")
+    info, result = _run(jobs.prepare_data, cfg)
+    split = info.meta["split"]
+    _log(f"    kept {result.rows_kept:,} of {result.rows_read:,} rows; train {split['train']['rows']:,} / "
+         f"valid {split['valid']['rows']:,} / test {split['test']['rows']:,}")
+    _log(f"[bold]3/4 train[/] {cfg.model.name}")
+    trained = _run(jobs.train_model, cfg, log=_log)
+    _log("[bold]4/4 evaluate[/] on the held-out test days")
+    results = _run(jobs.evaluate_run, cfg, "test")
+    out.print(_metrics_table(results, "test split: model vs popularity"))
+    lift = results["model"]["auc"] - results["popularity"]["auc"]
+    out.print(f"AUC lift over popularity: {lift:+.4f}   GAUC lift: "
+              f"{results['model']['gauc'] - results['popularity']['gauc']:+.4f}")
+    workdir = Path(cfg.workdir)
+    out.print(f"raw log:   {workdir / 'raw'}\nprepared:  {info.path}\nrun:       {trained.run_dir} "
+              f"(model.pt, metrics.jsonl, config.yaml, evaluation_test.json)\n"
+              f"done in {time.time() - started:.0f}s")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

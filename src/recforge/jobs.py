@@ -1,0 +1,180 @@
+"""Each command's work as one function of a Config: generate, validate, prepare, train, evaluate.
+
+This is the composition layer: it is where the config is taken apart into the explicit arguments
+the library takes. The CLI calls exactly one of these per verb, and the pipeline reuses them,
+so a command and a pipeline step can never drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from recforge import config as config_module
+from recforge.config import Config
+from recforge.data.batches import SplitData
+from recforge.data.prepare import PreparedInfo, prepare
+from recforge.data.sources import read_events
+from recforge.data.validate import ValidationResult, validate, write_outputs
+from recforge.evaluate import evaluate
+from recforge.models import FeatureSpec, build_model
+from recforge.models.popularity import fit_popularity
+from recforge.runtime import env_fingerprint, seed_everything
+from recforge.simulate.logs import generate as generate_world
+from recforge.storage import read_json, write_json, write_text
+from recforge.train.trainer import TrainResult, train
+
+Log = Callable[[str], None]
+
+
+def generate(cfg: Config) -> dict[str, Any]:
+    """Write the synthetic world's behaviour log (and its ground truth) under workdir/raw."""
+    return generate_world(cfg.data.generate, Path(cfg.workdir) / "raw")
+
+
+def validation_dir(cfg: Config) -> Path:
+    """Where the quarantine file and validation report of the configured source go."""
+    return cfg.resolved_prepared_dir.parent / "validation"
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    result: ValidationResult
+    files: dict[str, Path]
+
+
+def validate_source(cfg: Config, out_dir: Path | None = None) -> ValidationOutcome:
+    """Read the configured log and split it into clean rows and quarantined rows with reasons."""
+    schema = cfg.data.schema_
+    table = read_events(cfg.resolved_source, cfg.data.format, schema)
+    result = validate(table, schema)
+    files = write_outputs(result, out_dir or validation_dir(cfg))
+    return ValidationOutcome(result, files)
+
+
+def prepare_data(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
+    """Validate, then split/encode into the prepared directory (quarantine and report go with it)."""
+    schema = cfg.data.schema_
+    source = cfg.resolved_source
+    table = read_events(source, cfg.data.format, schema)
+    result = validate(table, schema)
+    files = write_outputs(result, validation_dir(cfg))
+    files_read = sorted(set(table.column("_file").to_pylist())) if "_file" in table.column_names else []
+    info = prepare(
+        result.clean,
+        schema,
+        cfg.data.split,
+        cfg.data.vocab,
+        cfg.data.negatives,
+        cfg.resolved_prepared_dir,
+        seed=cfg.seed,
+        source={"path": str(source), "format": cfg.data.format, "files": files_read,
+                "validation": result.report()},
+        extra_files={Path(p).name: Path(p) for p in files.values()},
+    )
+    return info, result
+
+
+def feature_spec(prepared_dir: Path) -> FeatureSpec:
+    meta = read_json(prepared_dir / "meta.json")
+    return FeatureSpec(
+        categorical=tuple(f["name"] for f in meta["fields"]),
+        cardinalities=tuple(int(f["cardinality"]) for f in meta["fields"]),
+        numeric=tuple(n["name"] for n in meta["numeric"]),
+    )
+
+
+def _validator(valid: SplitData, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+    def run(model: torch.nn.Module) -> dict[str, float]:
+        metrics = evaluate(model, valid, batch_size)
+        return {k: metrics[k] for k in ("auc", "gauc", "logloss")}
+
+    return run
+
+
+def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> TrainResult:
+    """Build the configured model on the prepared data and train it into the run directory."""
+    prepared = cfg.resolved_prepared_dir
+    run_dir = cfg.resolved_run_dir
+    if not (prepared / "meta.json").is_file():
+        raise FileNotFoundError(f"no prepared dataset at {prepared}; run `recforge data prepare` first")
+    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise FileExistsError(
+            f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+            "or choose another run_dir=..."
+        )
+    seed_everything(cfg.seed)
+    features = feature_spec(prepared)
+    model = build_model(features, cfg.model, sparse=cfg.train.optimizer == "sparse_adam")
+    train_data = SplitData.load(prepared, "train")
+    valid_data = SplitData.load(prepared, "valid")
+    validate_fn = _validator(valid_data, cfg.train.eval_batch_size) if len(valid_data) else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_json(run_dir / "env.json", env_fingerprint())
+    write_json(run_dir / "features.json", {"categorical": list(features.categorical),
+                                           "cardinalities": list(features.cardinalities),
+                                           "numeric": list(features.numeric)})
+    prepared_meta = read_json(prepared / "meta.json")
+    digest_extra = {"model": cfg.model.model_dump(), "seed": cfg.seed, "features": features.__dict__,
+                    "rows": prepared_meta["rows"], "split": prepared_meta["split"]}
+    log(f"training {cfg.model.name} on {len(train_data):,} rows ({len(valid_data):,} validation) -> {run_dir}")
+    result = train(model, train_data, validate_fn, cfg.train, run_dir, seed=cfg.seed,
+                   digest_extra=digest_extra, resume=resume, log=log)
+    write_json(run_dir / "train_summary.json", {
+        "finished": result.state.finished, "interrupted": result.interrupted,
+        "epochs_run": len(result.state.history), "best_epoch": result.state.best_epoch,
+        "best_valid": result.state.best_metric, "metric": cfg.train.early_stopping_metric,
+        "global_step": result.state.global_step, "device": result.device,
+        "device_reason": result.device_reason, "samples_per_s": result.samples_per_s,
+    })
+    return result
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained run at {run_dir} (missing config.yaml); run `recforge train` first")
+    return config_module.load(path)
+
+
+def load_trained_model(run_dir: Path) -> torch.nn.Module:
+    run_cfg = load_run_config(run_dir)
+    weights = run_dir / "model.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run_dir} has no model.pt: the run ended before its first epoch finished")
+    features_raw = read_json(run_dir / "features.json")
+    features = FeatureSpec(tuple(features_raw["categorical"]), tuple(features_raw["cardinalities"]),
+                           tuple(features_raw["numeric"]))
+    model = build_model(features, run_cfg.model, sparse=run_cfg.train.optimizer == "sparse_adam")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval()
+    return model
+
+
+def evaluate_run(cfg: Config, split: str = "test") -> dict[str, dict[str, float]]:
+    """Model vs popularity on the same held-out split, written to run_dir/evaluation_<split>.json."""
+    run_dir = cfg.resolved_run_dir
+    run_cfg = load_run_config(run_dir)
+    prepared = run_cfg.resolved_prepared_dir
+    model = load_trained_model(run_dir)
+    data = SplitData.load(prepared, split)
+    if len(data) == 0:
+        raise ValueError(f"split '{split}' of {prepared} is empty")
+    train_data = SplitData.load(prepared, "train")
+    features = feature_spec(prepared)
+    item_field = features.categorical.index(run_cfg.data.schema_.item)
+    popularity = fit_popularity(train_data.categorical.numpy(), train_data.label.numpy().astype(np.float64),
+                                item_field, features.cardinalities[item_field])
+    results = {
+        "model": evaluate(model, data, cfg.train.eval_batch_size),
+        "popularity": evaluate(popularity, data, cfg.train.eval_batch_size),
+    }
+    write_json(run_dir / f"evaluation_{split}.json", {"split": split, **results})
+    return results

@@ -1,0 +1,31 @@
+"""The DNN ranker: every categorical field embedded, numeric features appended, MLP, one logit.
+
+The model maps tensors to logits and nothing else; the loss, optimizer and device live in the
+trainer, so the same module is what gets scripted and served.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recforge.nn import MLP, FusedEmbedding
+
+
+class DNNRanker(nn.Module):
+    def __init__(self, embeddings: FusedEmbedding, mlp: MLP, num_numeric: int):
+        super().__init__()
+        expected = embeddings.num_fields * embeddings.dim + num_numeric
+        first = next((m for m in mlp.layers if isinstance(m, nn.Linear)), None)
+        if first is not None and first.in_features != expected:
+            raise ValueError(f"MLP input width {first.in_features} != fields*dim + numeric = {expected}")
+        self.embeddings = embeddings
+        self.mlp = mlp
+        self.head = nn.Linear(mlp.out_dim, 1)
+        self.num_numeric = num_numeric
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        """categorical [B, F] int64, numeric [B, N] float -> logits [B]."""
+        emb = self.embeddings(categorical).flatten(1)
+        x = torch.cat([emb, numeric.to(emb.dtype)], dim=1) if self.num_numeric > 0 else emb
+        return self.head(self.mlp(x)).squeeze(-1)

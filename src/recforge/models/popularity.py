@@ -1,0 +1,39 @@
+"""The popularity baseline as a model: score = calibrated log(1 + training positives of the item).
+
+Built as an nn.Module with the same (categorical, numeric) -> logit signature as every ranker,
+so it is evaluated, scripted and served by exactly the same code. The two calibration numbers
+are fit on the training split (Platt scaling), which makes its logloss an honest one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from recforge.metrics import fit_platt
+
+
+class PopularityRanker(nn.Module):
+    def __init__(self, positives_per_item: torch.Tensor, item_field: int, scale: float, bias: float):
+        super().__init__()
+        self.register_buffer("log_positives", torch.log1p(positives_per_item.float()))
+        self.item_field = item_field
+        self.scale = scale
+        self.bias = bias
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        items = categorical[:, self.item_field].clamp(0, self.log_positives.shape[0] - 1)
+        return self.log_positives[items] * self.scale + self.bias
+
+
+def fit_popularity(categorical: np.ndarray, labels: np.ndarray, item_field: int, num_items: int) -> PopularityRanker:
+    """Count positives per item on the training rows and calibrate log1p(count) to probabilities.
+
+    Index 0 (unknown items) keeps whatever count the training rows give it, normally zero.
+    """
+    items = categorical[:, item_field]
+    positives = np.bincount(items, weights=labels, minlength=num_items)
+    score = np.log1p(positives[items])
+    scale, bias = fit_platt(score, labels)
+    return PopularityRanker(torch.from_numpy(positives), item_field, float(scale), float(bias))

@@ -1,0 +1,277 @@
+"""The training loop: one function, everything visible.
+
+Adam (or sparse embedding gradients + SparseAdam), epochs of index-sliced batches, AMP
+(bf16 autocast on CPU/CUDA, fp16 + GradScaler on CUDA), early stopping on a validation metric,
+atomic checkpoints every N steps and at each epoch end, exact resume, metrics as JSONL.
+Validation is passed in as a function so the loop does not depend on how a model is evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from recforge.config import TrainConfig
+from recforge.data.batches import SplitData, iterate_batches, steps_per_epoch
+from recforge.losses import bce_with_logits
+from recforge.runtime import choose_device
+from recforge.train.checkpoint import RunState, load_checkpoint, save_checkpoint, save_weights
+
+Validator = Callable[[torch.nn.Module], dict[str, float]]
+# Metrics where smaller is better; the rest (auc, gauc) are maximized.
+_MINIMIZED = {"logloss"}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    state: RunState
+    device: str
+    device_reason: str
+    interrupted: bool
+    samples_per_s: float
+
+
+def config_digest(train_cfg: TrainConfig, extra: dict[str, Any]) -> str:
+    """Identity of a run for resume: keys that may change between an interruption and a resume are left out."""
+    resumable = train_cfg.model_dump(
+        exclude={"epochs", "stop_after_steps", "log_every", "progress", "checkpoint_every", "eval_batch_size",
+                 "threads"}
+    )
+    blob = json.dumps({"train": resumable, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """adam: one Adam over all parameters. sparse_adam: SparseAdam over parameters whose gradients
+    are sparse (the embedding table, built with sparse=True) and Adam over the dense rest."""
+    if cfg.optimizer == "adam":
+        return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    sparse, dense = [], []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.sparse:
+            sparse.extend(module.parameters(recurse=False))
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    if not sparse:
+        raise ValueError("train.optimizer=sparse_adam needs a model built with sparse embeddings")
+    return [
+        torch.optim.SparseAdam(sparse, lr=cfg.lr),
+        torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    ]
+
+
+def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; on CPU use train.amp=bf16 or off")
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _improved(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric in _MINIMIZED else value > best
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into 'finish this step, checkpoint, exit' instead of a lost run."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(
+    model: torch.nn.Module,
+    train_data: SplitData,
+    validate: Validator | None,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    seed: int,
+    digest_extra: dict[str, Any] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    digest = config_digest(cfg, digest_extra or {})
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    choice = choose_device(cfg.device)
+    device = choice.device
+    log(f"device: {device} ({choice.reason})")
+    model.to(device)
+    optimizers = make_optimizers(model, cfg)
+    use_scaler = cfg.amp == "fp16"
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    autocast_context(cfg.amp, device)  # fail early on an impossible AMP setting
+
+    state = RunState()
+    if resume:
+        state = load_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, digest)
+        log(f"resumed from {ckpt_dir / 'last.pt'}: epoch {state.epoch}, step {state.step_in_epoch}, "
+            f"global step {state.global_step}")
+        if state.finished and state.epoch >= cfg.epochs:
+            log("that run had already finished; nothing to do")
+            return TrainResult(run_dir, state, str(device), choice.reason, False, 0.0)
+        state.finished = False
+
+    steps = steps_per_epoch(len(train_data), cfg.batch_size)
+    metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    pin = device.type == "cuda"
+    interrupted = False
+    trained_samples, train_seconds = 0, 0.0
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, state, digest)
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    progress = Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not cfg.progress,
+    )
+    with progress, _StopRequest() as stop, metrics_file:
+        while state.epoch < cfg.epochs and not interrupted:
+            epoch = state.epoch
+            task = progress.add_task("train", total=steps, completed=state.step_in_epoch, epoch=epoch, loss="-")
+            model.train()
+            # Running sums stay on the device: no host sync per step, only at logging points.
+            loss_sum = torch.zeros((), device=device)
+            loss_count = 0
+            skipped_steps = 0
+            epoch_start = time.perf_counter()
+            epoch_samples = 0
+            for batch in iterate_batches(train_data, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                         start_step=state.step_in_epoch, pin_memory=pin):
+                batch = batch.to(device, non_blocking=pin)
+                with autocast_context(cfg.amp, device):
+                    logits = model(batch.categorical, batch.numeric)
+                loss = bce_with_logits(logits, batch.label)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scale_before = scaler.get_scale()
+                    for opt in optimizers:
+                        scaler.step(opt)
+                    scaler.update()
+                    # GradScaler skips the step when gradients hold inf/nan and lowers the scale.
+                    if scaler.get_scale() < scale_before:
+                        skipped_steps += 1
+                else:
+                    loss.backward()
+                    for opt in optimizers:
+                        opt.step()
+                loss_sum += loss.detach()
+                loss_count += 1
+                epoch_samples += len(batch)
+                state.step_in_epoch += 1
+                state.global_step += 1
+
+                if state.global_step % cfg.log_every == 0:
+                    mean_loss = (loss_sum / loss_count).item()
+                    if not math.isfinite(mean_loss):
+                        raise FloatingPointError(
+                            f"training loss became {mean_loss} at step {state.global_step}; "
+                            "lower train.lr or turn off train.amp"
+                        )
+                    write_metrics({"step": state.global_step, "epoch": epoch, "train_loss": mean_loss,
+                                   "skipped_steps": skipped_steps, "time": time.time()})
+                    progress.update(task, loss=f"{mean_loss:.4f}")
+                progress.update(task, advance=1)
+                if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
+                    checkpoint()
+                if stop.requested or (cfg.stop_after_steps and state.global_step >= cfg.stop_after_steps):
+                    interrupted = True
+                    break
+            elapsed = time.perf_counter() - epoch_start
+            trained_samples += epoch_samples
+            train_seconds += elapsed
+            progress.remove_task(task)
+            if interrupted:
+                checkpoint()
+                why = "signal received" if stop.requested else f"train.stop_after_steps={cfg.stop_after_steps}"
+                log(f"stopped at epoch {epoch} step {state.step_in_epoch} ({why}); "
+                    f"checkpoint {ckpt_dir / 'last.pt'}; continue with --resume")
+                break
+
+            record: dict[str, Any] = {
+                "epoch": epoch, "step": state.global_step,
+                "train_loss": (loss_sum / max(loss_count, 1)).item(),
+                "skipped_steps": skipped_steps,
+                "samples_per_s": epoch_samples / elapsed if elapsed > 0 else None,
+            }
+            if validate is not None:
+                model.eval()
+                valid_metrics = validate(model)
+                record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
+                value = valid_metrics[cfg.early_stopping_metric]
+                if _improved(cfg.early_stopping_metric, value, state.best_metric):
+                    state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0
+                    save_weights(run_dir / "model.pt", model)
+                else:
+                    state.bad_epochs += 1
+            else:
+                state.best_epoch = epoch
+                save_weights(run_dir / "model.pt", model)
+            state.history.append(record)
+            write_metrics(record)
+            log(_epoch_line(record, cfg.early_stopping_metric))
+            state.epoch += 1
+            state.step_in_epoch = 0
+            if state.bad_epochs >= cfg.patience:
+                log(f"early stopping: valid {cfg.early_stopping_metric} has not improved for "
+                    f"{state.bad_epochs} epoch(s); best epoch {state.best_epoch}")
+                state.finished = True
+                state.epoch = cfg.epochs
+            if state.epoch >= cfg.epochs:
+                state.finished = True
+            checkpoint()
+
+    return TrainResult(run_dir, state, str(device), choice.reason, interrupted,
+                       trained_samples / train_seconds if train_seconds > 0 else 0.0)
+
+
+def _epoch_line(record: dict[str, Any], metric: str) -> str:
+    parts = [f"epoch {record['epoch']}", f"train_loss {record['train_loss']:.4f}"]
+    for key in ("valid_auc", "valid_gauc", "valid_logloss"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.4f}")
+    if record.get("samples_per_s"):
+        parts.append(f"{record['samples_per_s']:,.0f} samples/s")
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} step(s) skipped (inf/nan gradients)")
+    return " | ".join(parts)

@@ -1,0 +1,139 @@
+"""Splits, train-only vocabularies, negatives, and the on-disk layout of a prepared dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recforge.config import LabelConfig, NegativesConfig, SchemaConfig, SplitConfig, VocabConfig
+from recforge.data.batches import SplitData
+from recforge.data.prepare import assign_splits, prepare
+from recforge.data.schema import DataError
+from recforge.data.validate import validate
+from recforge.data.vocab import load_vocabs
+from recforge.storage import read_json
+
+SCHEMA = SchemaConfig(context=["device"], item_features=["category"], numeric=["position"])
+
+
+def _log(n: int = 2000, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    times = np.sort(rng.integers(1_700_000_000, 1_700_000_000 + 10 * 86400, n))
+    items = rng.integers(0, 50, n)
+    return pa.table({
+        "user_id": rng.integers(0, 100, n),
+        "item_id": items,
+        "timestamp": times,
+        "device": rng.choice(["ios", "web"], n),
+        "category": items % 7,
+        "position": rng.integers(0, 10, n),
+        "label": rng.integers(0, 2, n),
+    })
+
+
+def _prepare(table: pa.Table, tmp_path, schema=SCHEMA, split=SplitConfig(), **kw):
+    clean = validate(table, schema).clean
+    return prepare(clean, schema, split, kw.pop("vocab", VocabConfig()), kw.pop("neg", NegativesConfig()),
+                   tmp_path / "prepared", seed=1, **kw)
+
+
+def test_time_split_has_no_future_in_train(tmp_path):
+    info = _prepare(_log(), tmp_path)
+    times = {s: np.load(info.path / s / "timestamp.npy") for s in ("train", "valid", "test")}
+    assert times["train"].max() < times["valid"].min() <= times["valid"].max() < times["test"].min()
+    rows = {s: len(t) for s, t in times.items()}
+    assert sum(rows.values()) == 2000
+    assert abs(rows["test"] - 200) <= 5 and abs(rows["valid"] - 200) <= 5
+
+
+def test_time_split_keeps_ties_together():
+    times = np.array([1, 2, 3, 3, 3, 3, 3, 3, 3, 4])
+    split = assign_splits(times, np.zeros(10, dtype=np.int64), SplitConfig(valid_fraction=0.1, test_fraction=0.2))
+    # every event at the cut time goes to the later split
+    assert set(split[times == 3]) == {split[times == 3][0]}
+    assert split[-1] == 2
+
+
+def test_leave_last_out_per_user():
+    users = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    times = np.array([5, 1, 9, 3, 1, 2, 7, 8, 6])
+    split = assign_splits(times, users, SplitConfig(method="leave_last_out"))
+    assert split.tolist() == [1, 0, 2, 0, 0, 0, 1, 2, 0]
+
+
+def test_vocab_is_fit_on_train_only(tmp_path):
+    """Users and items that first appear in the test period must encode to the unknown index."""
+    table = _log()
+    n = table.num_rows
+    users = table.column("user_id").to_numpy().copy()
+    items = table.column("item_id").to_numpy().copy()
+    users[-50:] = 10_000 + np.arange(50)  # brand-new users in the last (test) events
+    items[-50:] = 20_000 + np.arange(50)
+    table = table.set_column(0, "user_id", pa.array(users)).set_column(1, "item_id", pa.array(items))
+    info = _prepare(table, tmp_path)
+    vocabs = load_vocabs(info.path / "vocab")
+    assert not {str(u) for u in range(10_000, 10_050)} & set(vocabs["user_id"].keys)
+    assert not {str(i) for i in range(20_000, 20_050)} & set(vocabs["item_id"].keys)
+    test = SplitData.load(info.path, "test")
+    assert (test.categorical[-50:, 0] == 0).all() and (test.categorical[-50:, 1] == 0).all()
+    # ... while those users stay distinct for per-user metrics
+    assert len(np.unique(test.user_key[-50:])) == 50
+    train = SplitData.load(info.path, "train")
+    assert (train.categorical[:, 0] > 0).all()
+    assert len(train) + len(SplitData.load(info.path, "valid")) + len(test) == n
+
+
+def test_layout_and_meta(tmp_path):
+    info = _prepare(_log(), tmp_path, source={"path": "x"})
+    meta = read_json(info.path / "meta.json")
+    assert [f["name"] for f in meta["fields"]] == ["user_id", "item_id", "device", "category"]
+    assert meta["numeric"][0]["name"] == "position" and meta["numeric"][0]["std"] > 0
+    train = SplitData.load(info.path, "train")
+    assert train.categorical.shape[1] == 4 and train.numeric.shape[1] == 1
+    assert abs(float(train.numeric.mean())) < 1e-3  # standardized with train statistics
+    assert np.load(info.path / "train" / "categorical.npy", mmap_mode="r").dtype == np.int64
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_rating_threshold_makes_labels(tmp_path):
+    table = _log().drop(["label"]).append_column("rating", pa.array(np.tile([1.0, 3.5, 4.0, 5.0], 500)))
+    schema = SchemaConfig(label=LabelConfig(kind="rating", column="rating", threshold=4.0, min=0.5, max=5.0),
+                          context=["device"], item_features=["category"], numeric=["position"])
+    info = _prepare(table, tmp_path, schema=schema)
+    labels = np.concatenate([np.load(info.path / s / "label.npy") for s in ("train", "valid", "test")])
+    assert labels.sum() == 1000
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "popularity"])
+def test_implicit_negatives_never_hit_a_users_positives(tmp_path, strategy):
+    table = _log(3000).drop(["label"])
+    schema = SchemaConfig(label=LabelConfig(kind="implicit", column=None), context=["device"],
+                          item_features=["category"], numeric=["position"])
+    info = _prepare(table, tmp_path, schema=schema, neg=NegativesConfig(per_positive=3, strategy=strategy))
+    meta = read_json(info.path / "meta.json")
+    vocab = load_vocabs(info.path / "vocab")["item_id"]
+    user_vocab = load_vocabs(info.path / "vocab")["user_id"]
+    users = table.column("user_id").to_numpy()
+    items = table.column("item_id").to_numpy()
+    positives = set(zip(users.tolist(), items.tolist(), strict=True))
+    total_neg = 0
+    for split in ("train", "valid", "test"):
+        data = SplitData.load(info.path, split)
+        neg = data.label.numpy() == 0
+        cats = data.categorical.numpy()[neg]
+        neg_items = vocab.decode(cats[:, 1])
+        neg_users = user_vocab.decode(cats[:, 0])
+        checked = [(int(u), int(i)) for u, i in zip(neg_users, neg_items, strict=True) if u is not None]
+        assert checked and not set(checked) & positives
+        # the negative carries its own item's category, not the positive's
+        assert (cats[:, 3] > 0).all()
+        total_neg += int(neg.sum())
+    assert total_neg + meta["negatives"]["unsampleable"] == 3 * 3000
+    assert meta["negatives"]["sampled"] == total_neg
+
+
+def test_everything_quarantined_is_a_clear_error(tmp_path):
+    table = _log(10).set_column(0, "user_id", pa.array([None] * 10, pa.int64()))
+    with pytest.raises(DataError, match="every row was quarantined"):
+        _prepare(table, tmp_path)
