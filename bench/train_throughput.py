@@ -1,0 +1,512 @@
+"""Training throughput of recforge's DNN ranker on the shared CTR workload.
+
+The workload (../shared/bench/peers/README.md): 1M training rows and 200k validation rows of five
+categorical fields (user 100k ids, item 500k, hour 24, device 5, category 1,000), embedding 32 per
+field, MLP [256, 128] ReLU, one logit, BCE, Adam lr 1e-3, batch 4096, one epoch, 2 threads.
+
+Variants, each timed over one epoch (samples/s = training rows / seconds):
+  recforge         recforge.train.trainer.train() with optimizer="adam" (the default); the whole
+                   call is timed: set-up, the epoch, and the end-of-epoch weights + checkpoint.
+  recforge_sparse  the same with a sparse=True model and optimizer="sparse_adam".
+  naive            the model as plain PyTorch code would have it (one nn.Embedding per field,
+                   dense Adam) fed by DataLoader(TensorDataset(...), batch_size=4096, shuffle=True).
+  ceiling          recforge's model, optimizers and loss repeating one train step on ONE fixed
+                   batch (no data pipeline, no checkpoint): the compute ceiling of `recforge`.
+  ceiling_sparse   the same for `recforge_sparse`.
+Every variant reports validation AUC (recforge.metrics.auc on the raw logits). The ceiling
+variants train on a single batch, so their AUC only shows that the step runs, not model quality.
+
+Each (variant, repeat) runs in a fresh interpreter, so no run inherits another's heap, and the
+variants are interleaved (the order rotates every repeat) so that drift on a shared machine
+spreads over all of them. Data loading and evaluation are outside the timed part.
+
+Data: generated here with the same distributions and RNG sequence as the shared generator
+(gen_data.py), cached as .npy under .bench/workload/; `--data DIR` reads the files gen_data.py
+writes instead (train_X.npy, train_y.npy, val_X.npy, val_y.npy). Ids are used as they come
+(0..n-1, cardinality = vocabulary size); recforge's own prepared data reserves index 0 for
+unknown values, which changes nothing here but one extra row per field.
+
+glibc malloc serves large blocks with mmap and returns them on free, so per-step temporaries the
+size of the embedding table turn into page faults every step; the allocator settings (MALLOC_*
+variables, LD_PRELOAD) are recorded with every result, and so are the timed part's system time
+and minor page faults.
+
+    .venv/bin/python bench/train_throughput.py                        # all variants, 3 repeats
+    .venv/bin/python bench/train_throughput.py --variants recforge_sparse,ceiling_sparse --repeats 5
+    .venv/bin/python bench/train_throughput.py --data /tmp/recforge-peers/data --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".bench" / "workload"
+
+VOCAB = {"user_id": 100_000, "item_id": 500_000, "hour": 24, "device": 5, "category": 1_000}
+FIELDS = tuple(VOCAB)
+SEED = 20240601  # the shared generator's default: same seed and sizes give identical rows
+EMBEDDING_DIM = 32
+HIDDEN = (256, 128)
+BATCH = 4096
+LR = 1e-3
+EVAL_BATCH = 65_536
+VARIANTS = ("recforge", "recforge_sparse", "naive", "ceiling", "ceiling_sparse")
+DATA_FILES = ("train_X.npy", "train_y.npy", "val_X.npy", "val_y.npy")
+
+
+# --------------------------------------------------------------------------------------------
+# Workload
+
+
+def _zipf_ids(rng: np.random.Generator, n_ids: int, a: float, size: int) -> np.ndarray:
+    ranks = np.arange(1, n_ids + 1, dtype=np.float64)
+    cdf = np.cumsum(ranks ** (-a))
+    cdf /= cdf[-1]
+    r = np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), n_ids - 1)
+    return rng.permutation(n_ids)[r]  # popularity rank -> id, so the hot ids are spread out
+
+
+def generate_workload(n_train: int, n_val: int, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Zipf users and items, uniform hours, skewed devices, category a function of the item;
+    labels drawn from a hidden logistic model with its intercept tuned to ~20% positives.
+    The draws happen in the shared generator's order, so its output is reproduced exactly."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val
+    user = _zipf_ids(rng, VOCAB["user_id"], 1.05, n)
+    item = _zipf_ids(rng, VOCAB["item_id"], 1.10, n)
+    hour = rng.integers(0, 24, n)
+    device = rng.choice(5, size=n, p=[0.5, 0.3, 0.1, 0.07, 0.03])
+    item_category = rng.integers(0, VOCAB["category"], VOCAB["item_id"])
+    category = item_category[item]
+
+    u_bias = rng.normal(0, 0.6, VOCAB["user_id"])
+    i_bias = rng.normal(0, 0.6, VOCAB["item_id"])
+    c_bias = rng.normal(0, 0.6, VOCAB["category"])
+    h_eff = 0.5 * np.sin(np.arange(24) / 24 * 2 * np.pi)
+    d_eff = np.array([0.0, 0.3, -0.3, 0.5, -0.5])
+    u_vec = rng.normal(0, 1, (VOCAB["user_id"], 4)) / 2
+    i_vec = rng.normal(0, 1, (VOCAB["item_id"], 4)) / 2
+    logit = (u_bias[user] + i_bias[item] + c_bias[category] + h_eff[hour] + d_eff[device]
+             + 0.8 * np.einsum("nd,nd->n", u_vec[user], i_vec[item]))
+    lo, hi = -10.0, 10.0
+    for _ in range(60):  # bisect the intercept for a 20% positive rate
+        mid = (lo + hi) / 2
+        if (1 / (1 + np.exp(-(logit + mid)))).mean() > 0.20:
+            hi = mid
+        else:
+            lo = mid
+    prob = 1 / (1 + np.exp(-(logit + (lo + hi) / 2)))
+    y = (rng.random(n) < prob).astype(np.float32)
+    X = np.stack([user, item, hour, device, category], axis=1).astype(np.int64)
+    return {"train_X": X[:n_train], "train_y": y[:n_train], "val_X": X[n_train:], "val_y": y[n_train:]}
+
+
+def cached_workload(n_train: int, n_val: int) -> Path:
+    """Directory holding the workload as .npy; generated on first use."""
+    out = CACHE / f"train{n_train}_val{n_val}_seed{SEED}"
+    done = out / "meta.json"
+    if done.is_file():
+        return out
+    _say(f"generating the workload ({n_train:,} + {n_val:,} rows) into {out} ...")
+    t0 = time.perf_counter()
+    arrays = generate_workload(n_train, n_val)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.save(out / f"{name}.npy", array)
+    meta = {"seed": SEED, "n_train": n_train, "n_val": n_val, "vocab": VOCAB,
+            "pos_rate_train": float(arrays["train_y"].mean())}
+    done.write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the cache complete
+    _say(f"  done in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def load_workload(data_dir: Path, n_train: int | None) -> tuple[np.ndarray, ...]:
+    Xtr = np.load(data_dir / "train_X.npy")
+    ytr = np.load(data_dir / "train_y.npy")
+    Xva = np.load(data_dir / "val_X.npy")
+    yva = np.load(data_dir / "val_y.npy")
+    if n_train is not None:
+        Xtr, ytr = Xtr[:n_train], ytr[:n_train]
+    return (np.ascontiguousarray(Xtr, dtype=np.int64), np.ascontiguousarray(ytr, dtype=np.float32),
+            np.ascontiguousarray(Xva, dtype=np.int64), np.ascontiguousarray(yva, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# One measurement (runs in its own interpreter)
+
+
+class _Meter:
+    """Wall time plus this process's CPU and minor page faults over a block."""
+
+    def __enter__(self) -> _Meter:
+        self._usage = resource.getrusage(resource.RUSAGE_SELF)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.user_s = usage.ru_utime - self._usage.ru_utime
+        self.sys_s = usage.ru_stime - self._usage.ru_stime
+        self.minflt = usage.ru_minflt - self._usage.ru_minflt
+
+    def record(self, samples: int) -> dict[str, Any]:
+        return {"samples": samples, "train_s": round(self.seconds, 3),
+                "samples_per_s": round(samples / self.seconds, 1), "user_s": round(self.user_s, 2),
+                "sys_s": round(self.sys_s, 2), "minflt": self.minflt}
+
+
+def _recforge_model(sparse: bool) -> Any:
+    import torch
+
+    from recforge.config import ModelConfig
+    from recforge.models import FeatureSpec, build_model
+
+    torch.manual_seed(0)
+    features = FeatureSpec(categorical=FIELDS, cardinalities=tuple(VOCAB.values()), numeric=())
+    cfg = ModelConfig(name="dnn", embedding_dim=EMBEDDING_DIM, hidden=list(HIDDEN), dropout=0.0)
+    return build_model(features, cfg, sparse=sparse)
+
+
+def _split(X: np.ndarray, y: np.ndarray, name: str) -> Any:
+    import torch
+
+    from recforge.data.batches import SplitData
+
+    return SplitData(name=name, categorical=torch.from_numpy(X), numeric=torch.zeros((len(y), 0)),
+                     label=torch.from_numpy(y), user_key=X[:, 0].copy())
+
+
+def _train_config(optimizer: str) -> Any:
+    from recforge.config import TrainConfig
+
+    return TrainConfig(epochs=1, batch_size=BATCH, lr=LR, optimizer=optimizer, progress=False,
+                       checkpoint_every=0, device="cpu")
+
+
+def _val_auc(score: Any, Xva: np.ndarray, yva: np.ndarray) -> float:
+    import torch
+
+    from recforge.metrics import auc
+
+    X = torch.from_numpy(Xva)
+    with torch.no_grad():
+        logits = torch.cat([score(X[s : s + EVAL_BATCH]) for s in range(0, len(X), EVAL_BATCH)])
+    return auc(yva, logits.float().numpy())
+
+
+def _recforge_scorer(model: Any) -> Any:
+    import torch
+
+    model.eval()
+    return lambda x: model(x, torch.zeros((len(x), 0)))
+
+
+def run_recforge(data: tuple[np.ndarray, ...], sparse: bool) -> dict[str, Any]:
+    from recforge.train.trainer import train
+
+    Xtr, ytr, Xva, yva = data
+    model = _recforge_model(sparse)
+    split = _split(Xtr, ytr, "train")
+    cfg = _train_config("sparse_adam" if sparse else "adam")
+    # The run directory gets model.pt and checkpoints/last.pt: on the same disk as the repository,
+    # as a real run's would be (tmpfs would hide the cost of writing them).
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="run-", dir=CACHE.parent) as run_dir, _Meter() as meter:
+        result = train(model, split, None, cfg, run_dir=run_dir, seed=0, log=lambda _: None)
+    record = meter.record(len(ytr))
+    record["trainer_samples_per_s"] = round(result.samples_per_s, 1)
+    record["train_loss"] = round(result.state.history[-1]["train_loss"], 5)
+    record["auc"] = _val_auc(_recforge_scorer(model), Xva, yva)
+    return record
+
+
+def _naive_model() -> Any:
+    import torch
+    from torch import nn
+
+    class PlainDNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = nn.ModuleList(nn.Embedding(n, EMBEDDING_DIM) for n in VOCAB.values())
+            for emb in self.embeddings:
+                # Same small init as recforge, so the AUC columns compare training, not init
+                # (nn.Embedding's N(0, 1) default costs ~.03 AUC on this workload).
+                nn.init.normal_(emb.weight, std=0.01)
+            self.mlp = nn.Sequential(
+                nn.Linear(len(VOCAB) * EMBEDDING_DIM, HIDDEN[0]), nn.ReLU(),
+                nn.Linear(HIDDEN[0], HIDDEN[1]), nn.ReLU(),
+                nn.Linear(HIDDEN[1], 1),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            emb = torch.cat([table(x[:, j]) for j, table in enumerate(self.embeddings)], dim=1)
+            return self.mlp(emb).squeeze(-1)
+
+    torch.manual_seed(0)
+    return PlainDNN()
+
+
+def run_naive(data: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    Xtr, ytr, Xva, yva = data
+    model = _naive_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    loader = DataLoader(TensorDataset(torch.from_numpy(Xtr), torch.from_numpy(ytr)),
+                        batch_size=BATCH, shuffle=True)
+    model.train()
+    with _Meter() as meter:
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+    record = meter.record(len(ytr))
+    model.eval()
+    record["auc"] = _val_auc(model, Xva, yva)
+    return record
+
+
+def run_ceiling(data: tuple[np.ndarray, ...], sparse: bool, steps: int, warmup: int) -> dict[str, Any]:
+    import torch
+
+    from recforge.data.batches import iterate_batches
+    from recforge.losses import bce_with_logits
+    from recforge.train.trainer import make_optimizers
+
+    Xtr, ytr, Xva, yva = data
+    model = _recforge_model(sparse)
+    optimizers = make_optimizers(model, _train_config("sparse_adam" if sparse else "adam"))
+    # The trainer's own first batch, then its step (zero_grad, forward, loss, backward, step).
+    batch = next(iterate_batches(_split(Xtr, ytr, "train"), BATCH, shuffle=True, seed=0))
+    model.train()
+    loss_sum = torch.zeros(())
+
+    def step() -> None:
+        nonlocal loss_sum
+        loss = bce_with_logits(model(batch.categorical, batch.numeric), batch.label)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        loss_sum += loss.detach()
+
+    for _ in range(warmup):  # optimizer state is allocated on the first step
+        step()
+    with _Meter() as meter:
+        for _ in range(steps):
+            step()
+    record = meter.record(steps * len(batch))
+    record["warmup_steps"] = warmup
+    record["auc"] = _val_auc(_recforge_scorer(model), Xva, yva)
+    return record
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data = load_workload(Path(args.workload), args.rows)
+    variant = args.worker
+    if variant in ("recforge", "recforge_sparse"):
+        record = run_recforge(data, sparse=variant == "recforge_sparse")
+    elif variant == "naive":
+        record = run_naive(data)
+    else:
+        record = run_ceiling(data, sparse=variant == "ceiling_sparse", steps=args.ceiling_steps,
+                             warmup=args.ceiling_warmup)
+    record["auc"] = round(record["auc"], 4)
+    record["threads"] = torch.get_num_threads()
+    Path(args.result).write_text(json.dumps(record))
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def allocator_settings() -> dict[str, Any]:
+    """The environment that decides how large tensors are allocated and freed."""
+    malloc_vars = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+    libc, libc_version = platform.libc_ver()
+    return {
+        "malloc_env": malloc_vars or None,
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+        "LD_PRELOAD": os.environ.get("LD_PRELOAD"),
+        "libc": f"{libc} {libc_version}".strip() or None,
+        "summary": ("default glibc malloc (no MALLOC_* variables, no LD_PRELOAD)"
+                    if not malloc_vars and not os.environ.get("LD_PRELOAD")
+                    and not os.environ.get("GLIBC_TUNABLES") else "customized: see fields"),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def run_one(variant: str, workload: Path, rows: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        result_path = Path(handle.name)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workload", str(workload),
+           "--threads", str(args.threads), "--result", str(result_path),
+           "--ceiling-steps", str(args.ceiling_steps), "--ceiling-warmup", str(args.ceiling_warmup)]
+    if rows is not None:
+        cmd += ["--rows", str(rows)]
+    try:
+        # The worker's stdout goes to stderr: with --json, stdout carries the JSON object only.
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"variant {variant} failed (exit status {proc.returncode}); see the messages above")
+        return json.loads(result_path.read_text())
+    finally:
+        result_path.unlink(missing_ok=True)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for variant, records in runs.items():
+        sps = [r["samples_per_s"] for r in records]
+        entry: dict[str, Any] = {
+            "samples_per_s": round(statistics.median(sps), 1),
+            "auc": round(statistics.median(r["auc"] for r in records), 4),
+            "samples_per_s_runs": sps,
+            "auc_runs": [r["auc"] for r in records],
+            "runs": records,
+        }
+        if "trainer_samples_per_s" in records[0]:
+            entry["trainer_samples_per_s"] = round(
+                statistics.median(r["trainer_samples_per_s"] for r in records), 1)
+        out[variant] = entry
+    if "naive" in out:
+        for entry in out.values():
+            entry["ratio_to_naive"] = round(entry["samples_per_s"] / out["naive"]["samples_per_s"], 2)
+    return out
+
+
+def print_table(summary: dict[str, Any], meta: dict[str, Any]) -> None:
+    print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu_count']} CPUs ({meta['cpu_model']}), "
+          f"{meta['rows']:,} training rows, {meta['val_rows']:,} validation rows, {meta['repeats']} repeats")
+    print(f"allocator: {meta['allocator']['summary']}; MALLOC_*: {meta['allocator']['malloc_env']}")
+    print(f"data: {meta['data']}")
+    print(f"load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}")
+    header = f"{'variant':<16} {'median/s':>10} {'x naive':>8} {'AUC':>7}  runs (samples/s; sys s; minor faults)"
+    print(header)
+    print("-" * len(header))
+    for variant, entry in summary.items():
+        ratio = f"{entry['ratio_to_naive']:.2f}" if "ratio_to_naive" in entry else "-"
+        runs = ", ".join(f"{r['samples_per_s']:,.0f} ({r['sys_s']:.1f}s; {r['minflt'] / 1e6:.2f}M)"
+                         for r in entry["runs"])
+        print(f"{variant:<16} {entry['samples_per_s']:>10,.0f} {ratio:>8} {entry['auc']:>7.4f}  {runs}")
+        if "trainer_samples_per_s" in entry:
+            own = ", ".join(f"{r['trainer_samples_per_s']:,.0f}" for r in entry["runs"])
+            print(f"{'':<16} {entry['trainer_samples_per_s']:>10,.0f} {'':>8} {'':>7}  "
+                  f"trainer's own samples/s (epoch loop only): {own}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=None,
+                        help="training rows (default 1,000,000; with --data: all rows of the files)")
+    parser.add_argument("--val-rows", type=int, default=200_000, help="validation rows to generate")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median reported)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="directory of .npy files written by ../shared/bench/peers/gen_data.py")
+    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    parser.add_argument("--ceiling-steps", type=int, default=100, help="timed steps of the ceiling variants")
+    parser.add_argument("--ceiling-warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+
+    if args.data is not None:
+        missing = [f for f in DATA_FILES if not (args.data / f).is_file()]
+        if missing:
+            raise SystemExit(f"--data {args.data}: missing {', '.join(missing)} "
+                             "(write them with ../shared/bench/peers/gen_data.py --out DIR)")
+        workload, rows, data_desc = args.data, args.rows, f"{args.data} (--data)"
+    else:
+        rows = args.rows or 1_000_000
+        workload = cached_workload(rows, args.val_rows)
+        data_desc = f"generated, seed {SEED}, cached in {workload}"
+    Xtr_shape = np.load(workload / "train_y.npy", mmap_mode="r").shape[0]
+    n_train = min(rows, Xtr_shape) if rows is not None else Xtr_shape
+    n_val = np.load(workload / "val_y.npy", mmap_mode="r").shape[0]
+
+    import torch
+
+    meta: dict[str, Any] = {
+        "torch": torch.__version__, "threads": args.threads, "rows": n_train, "val_rows": n_val,
+        "repeats": args.repeats, "variants": variants, "data": data_desc,
+        "allocator": allocator_settings(), "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "ceiling_steps": args.ceiling_steps, "ceiling_warmup": args.ceiling_warmup,
+        "batch_size": BATCH, "embedding_dim": EMBEDDING_DIM, "hidden": list(HIDDEN), "lr": LR,
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    order_log = []
+    for repeat in range(args.repeats):
+        k = repeat % len(variants)
+        order = variants[k:] + variants[:k]
+        order_log.append(order)
+        for variant in order:
+            record = run_one(variant, workload, n_train, args)
+            record["repeat"] = repeat
+            runs[variant].append(record)
+            _say(f"repeat {repeat + 1}/{args.repeats} {variant:<16} {record['samples_per_s']:>10,.0f} samples/s"
+                 f"  auc {record['auc']:.4f}  sys {record['sys_s']:.1f}s  minflt {record['minflt']:,}")
+    meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    meta["order"] = order_log
+    summary = summarize(runs)
+    if args.json:
+        print(json.dumps({**summary, "meta": meta}))
+    else:
+        print_table(summary, meta)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Atomic writes: the final name only ever holds a complete file."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from recforge import storage
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "report.json"
+    storage.write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError), storage.atomic_open(target, "w") as handle:
+        handle.write('{"v": 2, "half": ')
+        raise RuntimeError("crash mid-write")
+    assert storage.read_json(target) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_array_round_trip_is_memory_mappable(tmp_path):
+    arr = np.arange(12, dtype=np.int64).reshape(3, 4)
+    storage.save_array(tmp_path / "a.npy", arr)
+    loaded = storage.load_array(tmp_path / "a.npy")
+    assert isinstance(loaded, np.memmap) and np.array_equal(loaded, arr)
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    storage.write_text(tmp_path / "x.txt", "hi")
+    mode = stat.S_IMODE(os.stat(tmp_path / "x.txt").st_mode)
+    assert mode & stat.S_IRUSR and mode & stat.S_IRGRP  # not mkstemp's private 0600
+    assert storage.sha256_file(tmp_path / "x.txt") == "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
