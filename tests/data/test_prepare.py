@@ -137,3 +137,26 @@ def test_everything_quarantined_is_a_clear_error(tmp_path):
     table = _log(10).set_column(0, "user_id", pa.array([None] * 10, pa.int64()))
     with pytest.raises(DataError, match="every row was quarantined"):
         _prepare(table, tmp_path)
+
+
+def test_min_count_and_hashing_apply_through_prepare(tmp_path):
+    table = _log(3000)
+    vocab_cfg = VocabConfig(min_count=50, hash_buckets={"user_id": 16})
+    info = _prepare(table, tmp_path, vocab=vocab_cfg)
+    meta = read_json(info.path / "meta.json")
+    fields = {f["name"]: f for f in meta["fields"]}
+    assert fields["user_id"]["hashed"] and fields["user_id"]["cardinality"] == 17
+    train = SplitData.load(info.path, "train")
+    assert int(train.categorical[:, 0].max()) <= 16 and int(train.categorical[:, 0].min()) >= 1
+    # items seen fewer than 50 times in training map to the unknown index 0
+    items = train.categorical[:, 1].numpy()
+    counts = np.bincount(table.column("item_id").to_numpy()[: len(items)])
+    rare = np.flatnonzero((counts > 0) & (counts < 50))
+    vocab = load_vocabs(info.path / "vocab")["item_id"]
+    assert rare.size and not {str(i) for i in rare} & set(vocab.keys)
+    assert (items == 0).sum() == sum(counts[i] for i in rare)
+
+
+def test_unknown_hash_field_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        _prepare(_log(), tmp_path, vocab=VocabConfig(hash_buckets={"nope": 8}))
