@@ -50,7 +50,8 @@ def _top(name: str) -> str:
 
 
 def _is_entry(name: str) -> bool:
-    return name in ENTRY_POINTS or _top(name) in ENTRY_POINTS or name.startswith("serve.app")
+    return (name in ENTRY_POINTS or _top(name) in ENTRY_POINTS or name.startswith("serve.app")
+            or name.endswith(".__main__"))
 
 
 def _modules() -> dict[str, set[str]]:

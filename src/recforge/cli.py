@@ -125,18 +125,51 @@ def train_cmd(
     config: ConfigOpt = None,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    nproc_per_node: Annotated[int, typer.Option(
+        "--nproc-per-node", help="Processes (DDP ranks) on this machine, launched with torchrun.")] = 1,
 ) -> None:
     """Train the configured model on the prepared dataset."""
     from recforge import jobs
 
     cfg = _run(_load, config, overrides)
+    if nproc_per_node > 1:
+        _launch_torchrun(nproc_per_node, config, overrides, resume, cfg.resolved_run_dir)
+        return
     result = _run(jobs.train_model, cfg, resume=resume, log=_log)
     state = result.state
-    print(json.dumps({"run_dir": str(result.run_dir), "finished": state.finished,
-                      "interrupted": result.interrupted, "best_epoch": state.best_epoch,
-                      "best_valid": state.best_metric, "global_step": state.global_step}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
+        print(json.dumps({"run_dir": str(result.run_dir), "finished": state.finished,
+                          "interrupted": result.interrupted, "best_epoch": state.best_epoch,
+                          "best_valid": state.best_metric, "global_step": state.global_step}))
     if result.interrupted:
         raise typer.Exit(3)
+
+
+def _launch_torchrun(nproc: int, config: Path | None, overrides: list[str] | None, resume: bool,
+                     run_dir: Path) -> None:
+    """One node, N ranks, via torchrun --standalone, which picks a free rendezvous port itself."""
+    import subprocess
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "--max_restarts=0", "-m", "recforge.train"]
+    if config is not None:
+        args += ["--config", str(config)]
+    if resume:
+        args.append("--resume")
+    args += list(overrides or [])
+    _log(f"launching {nproc} ranks: {' '.join(args[1:])}")
+    started = time.time()
+    code = subprocess.call(args)
+    summary = run_dir / "train_summary.json"
+    # Every rank exits 3 after a deliberate stop; torchrun reports that as a failure.
+    fresh = code != 0 and summary.is_file() and summary.stat().st_mtime >= started
+    if fresh and json.loads(summary.read_text()).get("interrupted"):
+        _log("all ranks stopped at a checkpoint; continue with --resume")
+        raise typer.Exit(3)
+    if code != 0:
+        err.print(f"[bold red]error:[/] distributed training failed (exit {code}); the failure summary "
+                  "above names the rank that failed", highlight=False)
+        raise typer.Exit(code if code in (1, 3) else 1)
 
 
 def _metrics_table(results: dict[str, dict[str, float]], title: str) -> Table:

@@ -161,6 +161,12 @@ class TrainConfig(_Strict):
     stop_after_steps: int | None = Field(None, ge=1)
     # Threads for CPU math; None keeps torch's default (one per core).
     threads: int | None = Field(None, ge=1)
+    # Keep glibc malloc from unmapping per-step temporaries (see runtime.tune_allocator).
+    tune_allocator: bool = True
+    # torch.compile the model (measured: no gain for these models on CPU; may help on GPU).
+    compile: bool = False
+    # Seconds a collective may wait for a peer before a multi-process run fails (a dead rank).
+    ddp_timeout_s: float = Field(300.0, gt=0)
 
 
 class Config(_Strict):

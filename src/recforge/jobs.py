@@ -25,7 +25,7 @@ from recforge.data.validate import ValidationResult, validate, write_outputs
 from recforge.evaluate import evaluate
 from recforge.models import FeatureSpec, build_model
 from recforge.models.popularity import fit_popularity
-from recforge.runtime import env_fingerprint, seed_everything
+from recforge.runtime import choose_device, cleanup_distributed, env_fingerprint, init_distributed, seed_everything
 from recforge.simulate.logs import generate as generate_world
 from recforge.storage import read_json, write_json, write_text
 from recforge.train.trainer import TrainResult, train
@@ -90,16 +90,24 @@ def feature_spec(prepared_dir: Path) -> FeatureSpec:
     )
 
 
-def _validator(valid: SplitData, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+def _validator(prepared: Path, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """Validation on the prepared valid split, loaded on first use: under DDP only rank 0 calls it."""
+    loaded: list[SplitData] = []
+
     def run(model: torch.nn.Module) -> dict[str, float]:
-        metrics = evaluate(model, valid, batch_size)
+        if not loaded:
+            loaded.append(SplitData.load(prepared, "valid"))
+        metrics = evaluate(model, loaded[0], batch_size)
         return {k: metrics[k] for k in ("auc", "gauc", "logloss")}
 
     return run
 
 
 def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> TrainResult:
-    """Build the configured model on the prepared data and train it into the run directory."""
+    """Build the configured model on the prepared data and train it into the run directory.
+
+    Run under torchrun (WORLD_SIZE > 1 in the environment) it trains as one rank of a DDP job.
+    """
     prepared = cfg.resolved_prepared_dir
     run_dir = cfg.resolved_run_dir
     if not (prepared / "meta.json").is_file():
@@ -109,32 +117,44 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
             f"run directory {run_dir} already holds a run; pass --resume to continue it, "
             "or choose another run_dir=..."
         )
-    seed_everything(cfg.seed)
-    features = feature_spec(prepared)
-    model = build_model(features, cfg.model, sparse=cfg.train.optimizer == "sparse_adam")
-    train_data = SplitData.load(prepared, "train")
-    valid_data = SplitData.load(prepared, "valid")
-    validate_fn = _validator(valid_data, cfg.train.eval_batch_size) if len(valid_data) else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json(run_dir / "env.json", env_fingerprint())
-    write_json(run_dir / "features.json", {"categorical": list(features.categorical),
-                                           "cardinalities": list(features.cardinalities),
-                                           "numeric": list(features.numeric)})
-    prepared_meta = read_json(prepared / "meta.json")
-    digest_extra = {"model": cfg.model.model_dump(), "seed": cfg.seed, "features": features.__dict__,
-                    "rows": prepared_meta["rows"], "split": prepared_meta["split"]}
-    log(f"training {cfg.model.name} on {len(train_data):,} rows ({len(valid_data):,} validation) -> {run_dir}")
-    result = train(model, train_data, validate_fn, cfg.train, run_dir, seed=cfg.seed,
-                   digest_extra=digest_extra, resume=resume, log=log)
-    write_json(run_dir / "train_summary.json", {
-        "finished": result.state.finished, "interrupted": result.interrupted,
-        "epochs_run": len(result.state.history), "best_epoch": result.state.best_epoch,
-        "best_valid": result.state.best_metric, "metric": cfg.train.early_stopping_metric,
-        "global_step": result.state.global_step, "device": result.device,
-        "device_reason": result.device_reason, "samples_per_s": result.samples_per_s,
-    })
-    return result
+    device = choose_device(cfg.train.device)
+    dist_ctx = init_distributed(device.device.type, cfg.train.ddp_timeout_s)
+    try:
+        seed_everything(cfg.seed)
+        features = feature_spec(prepared)
+        model = build_model(features, cfg.model, sparse=cfg.train.optimizer == "sparse_adam")
+        train_data = SplitData.load(prepared, "train")
+        validate_fn = _validator(prepared, cfg.train.eval_batch_size) if _has_rows(prepared, "valid") else None
+        if dist_ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_json(run_dir / "env.json", env_fingerprint())
+            write_json(run_dir / "features.json", {"categorical": list(features.categorical),
+                                                   "cardinalities": list(features.cardinalities),
+                                                   "numeric": list(features.numeric)})
+        prepared_meta = read_json(prepared / "meta.json")
+        digest_extra = {"model": cfg.model.model_dump(), "seed": cfg.seed, "features": features.__dict__,
+                        "rows": prepared_meta["rows"], "split": prepared_meta["split"]}
+        log(f"training {cfg.model.name} on {len(train_data):,} rows -> {run_dir}")
+        result = train(model, train_data, validate_fn, cfg.train, run_dir, seed=cfg.seed,
+                       digest_extra=digest_extra, resume=resume, dist_ctx=dist_ctx, log=log)
+        if dist_ctx.is_main:
+            write_json(run_dir / "train_summary.json", {
+                "finished": result.state.finished, "interrupted": result.interrupted,
+                "epochs_run": len(result.state.history), "best_epoch": result.state.best_epoch,
+                "best_valid": result.state.best_metric, "metric": cfg.train.early_stopping_metric,
+                "global_step": result.state.global_step, "device": result.device,
+                "device_reason": result.device_reason, "samples_per_s": result.samples_per_s,
+                "world_size": dist_ctx.world_size,
+            })
+        return result
+    finally:
+        cleanup_distributed()
+
+
+def _has_rows(prepared: Path, split: str) -> bool:
+    """From meta.json, so every rank agrees whether there is validation without loading it."""
+    return bool(read_json(prepared / "meta.json")["split"][split]["rows"])
 
 
 def load_run_config(run_dir: Path) -> Config:

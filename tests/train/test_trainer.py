@@ -129,7 +129,7 @@ def test_batches_cover_every_row_once_per_epoch():
     seen = torch.cat([b.numeric[:, 0] for b in iterate_batches(data, 96, shuffle=True, seed=1, epoch=0)])
     assert torch.equal(seen.sort().values, data.numeric[:, 0].sort().values)
     assert not torch.equal(epoch_permutation(1000, 1, 0), epoch_permutation(1000, 1, 1))
-    skipped = list(iterate_batches(data, 96, shuffle=True, seed=1, epoch=0, start_step=3))
+    skipped = list(iterate_batches(data, 96, shuffle=True, seed=1, epoch=0, start_sample=3 * 96))
     full = list(iterate_batches(data, 96, shuffle=True, seed=1, epoch=0))
     assert torch.equal(skipped[0].label, full[3].label)
 

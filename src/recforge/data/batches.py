@@ -106,15 +106,19 @@ def iterate_batches(
     shuffle: bool,
     seed: int = 0,
     epoch: int = 0,
-    start_step: int = 0,
+    start_sample: int = 0,
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """Yield the batches of one epoch from `start_step` on (earlier steps are skipped, not replayed)."""
+    """Yield this rank's batches of one epoch, skipping the first `start_sample` rows of the epoch's order.
+
+    The position is counted in rows of the global order, not in steps, so a run checkpointed
+    with one number of processes can resume with another: the remaining rows are re-sharded.
+    """
     n = len(data)
     order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
-    order = shard_indices(order, rank, world_size)
-    for start in range(start_step * batch_size, len(order), batch_size):
+    order = shard_indices(order[start_sample:], rank, world_size)
+    for start in range(0, len(order), batch_size):
         batch = data.batch(order[start : start + batch_size])
         yield batch.pin_memory() if pin_memory else batch

@@ -22,9 +22,12 @@ CHECKPOINT_VERSION = 1
 
 @dataclass
 class RunState:
-    epoch: int = 0  # the epoch in progress (or next to start when step_in_epoch == 0)
-    step_in_epoch: int = 0  # batches of `epoch` already trained
+    epoch: int = 0  # the epoch in progress (or next to start when samples_in_epoch == 0)
+    # Rows of the epoch's global order already trained on (by all ranks together): a position
+    # that stays meaningful when a run resumes with a different number of processes.
+    samples_in_epoch: int = 0
     global_step: int = 0
+    world_size: int = 1
     best_metric: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from recforge.config import TrainConfig
 from recforge.data.batches import SplitData, iterate_batches, steps_per_epoch
 from recforge.losses import bce_with_logits
-from recforge.runtime import choose_device
+from recforge.runtime import DistContext, choose_device, tune_allocator
 from recforge.train.checkpoint import RunState, load_checkpoint, save_checkpoint, save_weights
 
 Validator = Callable[[torch.nn.Module], dict[str, float]]
@@ -108,6 +108,37 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _all_reduce_mean(value: torch.Tensor, dist_ctx: DistContext) -> torch.Tensor:
+    if not dist_ctx.distributed:
+        return value
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist_ctx.world_size
+
+
+def _broadcast_floats(values: list[float], dist_ctx: DistContext, device: torch.device) -> list[float]:
+    """Rank 0's numbers on every rank, so all ranks take the same early-stopping decision."""
+    if not dist_ctx.distributed:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
+def _any_rank(flag: bool, dist_ctx: DistContext, device: torch.device) -> bool:
+    if not dist_ctx.distributed:
+        return flag
+    import torch.distributed as dist
+
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def train(
     model: torch.nn.Module,
     train_data: SplitData,
@@ -118,67 +149,96 @@ def train(
     seed: int,
     digest_extra: dict[str, Any] | None = None,
     resume: bool = False,
+    dist_ctx: DistContext | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
+    """Train `model` in place; with `dist_ctx` from runtime.init_distributed, as one rank of DDP.
+
+    Under DDP each rank trains on its own shard of every epoch's permutation with the per-rank
+    `cfg.batch_size`; rank 0 alone validates, logs and writes checkpoints, and broadcasts the
+    early-stopping decision so all ranks stop together.
+    """
+    dist_ctx = dist_ctx or DistContext()
+    main = dist_ctx.is_main
+    if not main:
+        log = _silent
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     digest = config_digest(cfg, digest_extra or {})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.tune_allocator:
+        tune_allocator()
 
-    choice = choose_device(cfg.device)
+    choice = choose_device(cfg.device, dist_ctx.local_rank)
     device = choice.device
-    log(f"device: {device} ({choice.reason})")
+    log(f"device: {device} ({choice.reason})" + (
+        f"; {dist_ctx.world_size} processes ({dist_ctx.backend})" if dist_ctx.distributed else ""))
     model.to(device)
     optimizers = make_optimizers(model, cfg)
-    use_scaler = cfg.amp == "fp16"
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     autocast_context(cfg.amp, device)  # fail early on an impossible AMP setting
 
-    state = RunState()
+    state = RunState(world_size=dist_ctx.world_size)
     if resume:
         state = load_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, digest)
-        log(f"resumed from {ckpt_dir / 'last.pt'}: epoch {state.epoch}, step {state.step_in_epoch}, "
-            f"global step {state.global_step}")
+        log(f"resumed from {ckpt_dir / 'last.pt'}: epoch {state.epoch}, {state.samples_in_epoch:,} rows into it, "
+            f"global step {state.global_step} (written with {state.world_size} process(es), now {dist_ctx.world_size})")
         if state.finished and state.epoch >= cfg.epochs:
             log("that run had already finished; nothing to do")
             return TrainResult(run_dir, state, str(device), choice.reason, False, 0.0)
         state.finished = False
+        state.world_size = dist_ctx.world_size
+    if dist_ctx.distributed:
+        # Per-rank seeds for dropout; the data order stays the shared (seed, epoch) permutation.
+        torch.manual_seed(seed + 7919 * dist_ctx.rank + state.global_step)
+    step_model = _wrap_ddp(model, dist_ctx, device)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
 
-    steps = steps_per_epoch(len(train_data), cfg.batch_size)
-    metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    global_batch = cfg.batch_size * dist_ctx.world_size
+    metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main else None
     pin = device.type == "cuda"
     interrupted = False
     trained_samples, train_seconds = 0, 0.0
+    check_every = cfg.log_every if dist_ctx.distributed else 1
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, state, digest)
+        if main:
+            save_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, state, digest)
 
     def write_metrics(record: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
 
     progress = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not cfg.progress,
+        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not (cfg.progress and main),
     )
-    with progress, _StopRequest() as stop, metrics_file:
+    with progress, _StopRequest() as stop, contextlib.ExitStack() as files:
+        if metrics_file is not None:
+            files.enter_context(metrics_file)
         while state.epoch < cfg.epochs and not interrupted:
             epoch = state.epoch
-            task = progress.add_task("train", total=steps, completed=state.step_in_epoch, epoch=epoch, loss="-")
-            model.train()
+            total_steps = steps_per_epoch(len(train_data) - state.samples_in_epoch, cfg.batch_size,
+                                          dist_ctx.world_size)
+            task = progress.add_task("train", total=total_steps, epoch=epoch, loss="-")
+            step_model.train()
             # Running sums stay on the device: no host sync per step, only at logging points.
             loss_sum = torch.zeros((), device=device)
             loss_count = 0
             skipped_steps = 0
             epoch_start = time.perf_counter()
             epoch_samples = 0
-            for batch in iterate_batches(train_data, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                         start_step=state.step_in_epoch, pin_memory=pin):
+            batches = iterate_batches(train_data, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                      start_sample=state.samples_in_epoch, rank=dist_ctx.rank,
+                                      world_size=dist_ctx.world_size, pin_memory=pin)
+            for batch in batches:
                 batch = batch.to(device, non_blocking=pin)
                 with autocast_context(cfg.amp, device):
-                    logits = model(batch.categorical, batch.numeric)
+                    logits = step_model(batch.categorical, batch.numeric)
                 loss = bce_with_logits(logits, batch.label)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
@@ -198,11 +258,11 @@ def train(
                 loss_sum += loss.detach()
                 loss_count += 1
                 epoch_samples += len(batch)
-                state.step_in_epoch += 1
+                state.samples_in_epoch = min(len(train_data), state.samples_in_epoch + global_batch)
                 state.global_step += 1
 
                 if state.global_step % cfg.log_every == 0:
-                    mean_loss = (loss_sum / loss_count).item()
+                    mean_loss = _all_reduce_mean(loss_sum / loss_count, dist_ctx).item()
                     if not math.isfinite(mean_loss):
                         raise FloatingPointError(
                             f"training loss became {mean_loss} at step {state.global_step}; "
@@ -214,7 +274,10 @@ def train(
                 progress.update(task, advance=1)
                 if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
                     checkpoint()
-                if stop.requested or (cfg.stop_after_steps and state.global_step >= cfg.stop_after_steps):
+                # Under DDP a signal may reach the ranks at different steps: they agree at check points.
+                signalled = state.global_step % check_every == 0 and _any_rank(stop.requested, dist_ctx, device)
+                capped = bool(cfg.stop_after_steps) and state.global_step >= (cfg.stop_after_steps or 0)
+                if signalled or capped:
                     interrupted = True
                     break
             elapsed = time.perf_counter() - epoch_start
@@ -224,48 +287,68 @@ def train(
             if interrupted:
                 checkpoint()
                 why = "signal received" if stop.requested else f"train.stop_after_steps={cfg.stop_after_steps}"
-                log(f"stopped at epoch {epoch} step {state.step_in_epoch} ({why}); "
+                log(f"stopped in epoch {epoch} after {state.samples_in_epoch:,} rows ({why}); "
                     f"checkpoint {ckpt_dir / 'last.pt'}; continue with --resume")
                 break
 
             record: dict[str, Any] = {
                 "epoch": epoch, "step": state.global_step,
-                "train_loss": (loss_sum / max(loss_count, 1)).item(),
+                "train_loss": _all_reduce_mean(loss_sum / max(loss_count, 1), dist_ctx).item(),
                 "skipped_steps": skipped_steps,
-                "samples_per_s": epoch_samples / elapsed if elapsed > 0 else None,
+                "samples_per_s": epoch_samples * dist_ctx.world_size / elapsed if elapsed > 0 else None,
             }
             if validate is not None:
-                model.eval()
-                valid_metrics = validate(model)
-                record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
-                value = valid_metrics[cfg.early_stopping_metric]
+                value = float("nan")
+                if main:
+                    model.eval()
+                    valid_metrics = validate(model)
+                    record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
+                    value = valid_metrics[cfg.early_stopping_metric]
+                (value,) = _broadcast_floats([value], dist_ctx, device)
                 if _improved(cfg.early_stopping_metric, value, state.best_metric):
                     state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0
-                    save_weights(run_dir / "model.pt", model)
+                    if main:
+                        save_weights(run_dir / "model.pt", model)
                 else:
                     state.bad_epochs += 1
             else:
                 state.best_epoch = epoch
-                save_weights(run_dir / "model.pt", model)
+                if main:
+                    save_weights(run_dir / "model.pt", model)
             state.history.append(record)
             write_metrics(record)
-            log(_epoch_line(record, cfg.early_stopping_metric))
+            log(_epoch_line(record))
             state.epoch += 1
-            state.step_in_epoch = 0
+            state.samples_in_epoch = 0
             if state.bad_epochs >= cfg.patience:
                 log(f"early stopping: valid {cfg.early_stopping_metric} has not improved for "
                     f"{state.bad_epochs} epoch(s); best epoch {state.best_epoch}")
-                state.finished = True
                 state.epoch = cfg.epochs
             if state.epoch >= cfg.epochs:
                 state.finished = True
             checkpoint()
 
     return TrainResult(run_dir, state, str(device), choice.reason, interrupted,
-                       trained_samples / train_seconds if train_seconds > 0 else 0.0)
+                       trained_samples * dist_ctx.world_size / train_seconds if train_seconds > 0 else 0.0)
 
 
-def _epoch_line(record: dict[str, Any], metric: str) -> str:
+def _silent(message: str) -> None:
+    """Log sink of ranks other than 0."""
+
+
+def _wrap_ddp(model: torch.nn.Module, dist_ctx: DistContext, device: torch.device) -> torch.nn.Module:
+    if not dist_ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda" and any(
+        isinstance(m, torch.nn.Embedding) and m.sparse for m in model.modules()
+    ):
+        raise ValueError("NCCL cannot all-reduce sparse gradients: use train.optimizer=adam for multi-GPU runs")
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch']}", f"train_loss {record['train_loss']:.4f}"]
     for key in ("valid_auc", "valid_gauc", "valid_logloss"):
         if key in record:
