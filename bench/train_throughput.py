@@ -229,6 +229,7 @@ def run_recforge(data: tuple[np.ndarray, ...], sparse: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="run-", dir=CACHE.parent) as run_dir, _Meter() as meter:
         result = train(model, split, None, cfg, run_dir=run_dir, seed=0, log=lambda _: None)
     record = meter.record(len(ytr))
+    record["allocator_in_process"] = "tuned by train() (TrainConfig.tune_allocator)" if cfg.tune_allocator else None
     record["trainer_samples_per_s"] = round(result.samples_per_s, 1)
     record["train_loss"] = round(result.state.history[-1]["train_loss"], 5)
     record["auc"] = _val_auc(_recforge_scorer(model), Xva, yva)
@@ -279,9 +280,20 @@ def run_naive(data: tuple[np.ndarray, ...]) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
     record = meter.record(len(ytr))
+    record["allocator_in_process"] = None  # plain PyTorch: whatever the environment gives
     model.eval()
     record["auc"] = _val_auc(model, Xva, yva)
     return record
+
+
+def _tune_allocator_like_trainer(cfg: Any) -> Any:
+    """train() applies recforge's glibc malloc settings before its loop; the ceiling runs under the
+    same allocator, or it would measure the allocator instead of the step."""
+    if not cfg.tune_allocator:
+        return None
+    from recforge.runtime import tune_allocator
+
+    return tune_allocator()
 
 
 def run_ceiling(data: tuple[np.ndarray, ...], sparse: bool, steps: int, warmup: int) -> dict[str, Any]:
@@ -293,7 +305,9 @@ def run_ceiling(data: tuple[np.ndarray, ...], sparse: bool, steps: int, warmup: 
 
     Xtr, ytr, Xva, yva = data
     model = _recforge_model(sparse)
-    optimizers = make_optimizers(model, _train_config("sparse_adam" if sparse else "adam"))
+    cfg = _train_config("sparse_adam" if sparse else "adam")
+    allocator = _tune_allocator_like_trainer(cfg)
+    optimizers = make_optimizers(model, cfg)
     # The trainer's own first batch, then its step (zero_grad, forward, loss, backward, step).
     batch = next(iterate_batches(_split(Xtr, ytr, "train"), BATCH, shuffle=True, seed=0))
     model.train()
@@ -316,6 +330,7 @@ def run_ceiling(data: tuple[np.ndarray, ...], sparse: bool, steps: int, warmup: 
             step()
     record = meter.record(steps * len(batch))
     record["warmup_steps"] = warmup
+    record["allocator_in_process"] = allocator
     record["auc"] = _val_auc(_recforge_scorer(model), Xva, yva)
     return record
 
@@ -359,6 +374,23 @@ def allocator_settings() -> dict[str, Any]:
                     if not malloc_vars and not os.environ.get("LD_PRELOAD")
                     and not os.environ.get("GLIBC_TUNABLES") else "customized: see fields"),
     }
+
+
+def _recforge_version() -> dict[str, Any]:
+    """The code under test: the commit, and whether src/ differs from it."""
+    from recforge.config import TrainConfig
+
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "src")
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "src_modified": None if status is None else bool(status),
+            "tune_allocator_default": TrainConfig().tune_allocator}
 
 
 def _cpu_model() -> str | None:
@@ -413,7 +445,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def print_table(summary: dict[str, Any], meta: dict[str, Any]) -> None:
     print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu_count']} CPUs ({meta['cpu_model']}), "
           f"{meta['rows']:,} training rows, {meta['val_rows']:,} validation rows, {meta['repeats']} repeats")
-    print(f"allocator: {meta['allocator']['summary']}; MALLOC_*: {meta['allocator']['malloc_env']}")
+    print(f"allocator: {meta['allocator']['summary']}; MALLOC_*: {meta['allocator']['malloc_env']}; "
+          f"recforge tunes glibc in-process: {meta['recforge']['tune_allocator_default']}")
+    print(f"recforge: commit {meta['recforge']['commit']}, src/ modified: {meta['recforge']['src_modified']}")
     print(f"data: {meta['data']}")
     print(f"load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}")
     header = f"{'variant':<16} {'median/s':>10} {'x naive':>8} {'AUC':>7}  runs (samples/s; sys s; minor faults)"
@@ -481,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     meta: dict[str, Any] = {
         "torch": torch.__version__, "threads": args.threads, "rows": n_train, "val_rows": n_val,
         "repeats": args.repeats, "variants": variants, "data": data_desc,
-        "allocator": allocator_settings(), "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+        "allocator": allocator_settings(), "recforge": _recforge_version(),
+        "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "ceiling_steps": args.ceiling_steps, "ceiling_warmup": args.ceiling_warmup,
         "batch_size": BATCH, "embedding_dim": EMBEDDING_DIM, "hidden": list(HIDDEN), "lr": LR,
@@ -494,11 +529,14 @@ def main(argv: list[str] | None = None) -> None:
         order = variants[k:] + variants[:k]
         order_log.append(order)
         for variant in order:
+            # The 1-minute load average around each run flags runs that shared the cores.
+            load_start = round(os.getloadavg()[0], 2)
             record = run_one(variant, workload, n_train, args)
-            record["repeat"] = repeat
+            record.update(repeat=repeat, loadavg_1m_start=load_start, loadavg_1m_end=round(os.getloadavg()[0], 2))
             runs[variant].append(record)
             _say(f"repeat {repeat + 1}/{args.repeats} {variant:<16} {record['samples_per_s']:>10,.0f} samples/s"
-                 f"  auc {record['auc']:.4f}  sys {record['sys_s']:.1f}s  minflt {record['minflt']:,}")
+                 f"  auc {record['auc']:.4f}  sys {record['sys_s']:.1f}s  minflt {record['minflt']:,}"
+                 f"  load {load_start:.2f}->{record['loadavg_1m_end']:.2f}")
     meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     meta["order"] = order_log
     summary = summarize(runs)

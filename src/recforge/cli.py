@@ -230,6 +230,59 @@ def quickstart(config: ConfigOpt = None, overrides: Overrides = None) -> None:
               f"done in {time.time() - started:.0f}s")
 
 
+@app.command("plan")
+def plan_cmd(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    field: Annotated[list[str] | None, typer.Option(
+        "--field", help="NAME=ROWS vocabulary size, instead of reading the prepared dataset.")] = None,
+    world_size: Annotated[int, typer.Option(help="DDP ranks (each holds a full replica).")] = 1,
+    device_memory_gib: Annotated[float | None, typer.Option(
+        help="Plan for a device of this size instead of the one found here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Parameter, gradient, optimizer and activation memory per device; what to do when it won't fit."""
+    from recforge import jobs
+
+    cfg = _run(_load, config, overrides)
+    fields = {}
+    for item in field or []:
+        name, _, rows = item.partition("=")
+        if not rows.isdigit():
+            _fail(ValueError(f"--field {item!r} is not NAME=ROWS"))
+        fields[name] = int(rows)
+    result = _run(jobs.plan, cfg, fields=fields, world_size=world_size, device_memory_gib=device_memory_gib)
+    gib = 1024**3
+    parts = {"embeddings": result.embedding_bytes, "dense layers": result.dense_bytes,
+             "gradients": result.gradient_bytes, "optimizer state": result.optimizer_bytes,
+             "activations": result.activation_bytes}
+    if as_json:
+        print(json.dumps({"per_device_bytes": result.total_bytes, "fits": result.fits,
+                          "device": result.device_name, "device_bytes": result.device_bytes,
+                          "parts": parts, "tables": {t.field: t.bytes for t in result.tables},
+                          "world_size": world_size, "advice": result.advice}))
+        if result.fits is False:
+            raise typer.Exit(1)
+        return
+    table = Table(title=f"memory per device ({cfg.model.name}, dim {cfg.model.embedding_dim}, "
+                        f"{cfg.train.optimizer}, batch {cfg.train.batch_size}, {world_size} rank(s))")
+    table.add_column("what")
+    table.add_column("GiB", justify="right")
+    for name, size in parts.items():
+        table.add_row(name, f"{size / gib:.3f}")
+    for t in result.tables[:5]:
+        table.add_row(f"  table {t.field} ({t.rows:,} rows)", f"{t.bytes / gib:.3f}")
+    table.add_row("[bold]total", f"[bold]{result.total_bytes / gib:.3f}")
+    out.print(table)
+    verdict = {True: "fits", False: "does NOT fit", None: "unknown fit"}[result.fits]
+    out.print(f"{verdict} on {result.device_name}"
+              + (f" ({result.device_bytes / gib:.1f} GiB)" if result.device_bytes else ""))
+    for line in result.advice:
+        out.print(f"  - {line}")
+    if result.fits is False:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

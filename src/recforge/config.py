@@ -145,9 +145,11 @@ class TrainConfig(_Strict):
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    # adam: one dense Adam; sparse_adam: sparse embedding gradients + SparseAdam for the table
-    # (touches only the rows a batch uses) and Adam for the rest.
-    optimizer: Literal["adam", "sparse_adam"] = "adam"
+    # adam: one dense Adam over everything (updates every embedding row every step).
+    # rowwise_adam: sparse embedding gradients + lazy Adam on the rows a batch touches (the fast
+    # path; see BENCHMARKS.md for its cost in AUC), Adam for the dense rest.
+    # sparse_adam: the same with torch.optim.SparseAdam for the table.
+    optimizer: Literal["adam", "rowwise_adam", "sparse_adam"] = "adam"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
     patience: int = Field(2, ge=1)
@@ -167,6 +169,11 @@ class TrainConfig(_Strict):
     compile: bool = False
     # Seconds a collective may wait for a peer before a multi-process run fails (a dead rank).
     ddp_timeout_s: float = Field(300.0, gt=0)
+
+    @property
+    def sparse_embeddings(self) -> bool:
+        """Whether the model's embedding table must produce sparse gradients for the optimizer."""
+        return self.optimizer in ("rowwise_adam", "sparse_adam")
 
 
 class Config(_Strict):

@@ -28,6 +28,7 @@ from recforge.models.popularity import fit_popularity
 from recforge.runtime import choose_device, cleanup_distributed, env_fingerprint, init_distributed, seed_everything
 from recforge.simulate.logs import generate as generate_world
 from recforge.storage import read_json, write_json, write_text
+from recforge.train.plan import MemoryPlan, detect_device_memory, plan_memory
 from recforge.train.trainer import TrainResult, train
 
 Log = Callable[[str], None]
@@ -122,7 +123,7 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
     try:
         seed_everything(cfg.seed)
         features = feature_spec(prepared)
-        model = build_model(features, cfg.model, sparse=cfg.train.optimizer == "sparse_adam")
+        model = build_model(features, cfg.model, sparse=cfg.train.sparse_embeddings)
         train_data = SplitData.load(prepared, "train")
         validate_fn = _validator(prepared, cfg.train.eval_batch_size) if _has_rows(prepared, "valid") else None
         if dist_ctx.is_main:
@@ -172,7 +173,7 @@ def load_trained_model(run_dir: Path) -> torch.nn.Module:
     features_raw = read_json(run_dir / "features.json")
     features = FeatureSpec(tuple(features_raw["categorical"]), tuple(features_raw["cardinalities"]),
                            tuple(features_raw["numeric"]))
-    model = build_model(features, run_cfg.model, sparse=run_cfg.train.optimizer == "sparse_adam")
+    model = build_model(features, run_cfg.model, sparse=run_cfg.train.sparse_embeddings)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     return model
@@ -198,3 +199,31 @@ def evaluate_run(cfg: Config, split: str = "test") -> dict[str, dict[str, float]
     }
     write_json(run_dir / f"evaluation_{split}.json", {"split": split, **results})
     return results
+
+
+def plan(
+    cfg: Config,
+    *,
+    fields: dict[str, int] | None = None,
+    world_size: int = 1,
+    device_memory_gib: float | None = None,
+) -> MemoryPlan:
+    """Memory per device for the configured model on the prepared vocabularies (or given field sizes)."""
+    if fields:
+        cardinalities, num_numeric = dict(fields), len(cfg.data.schema_.numeric)
+    else:
+        meta_path = cfg.resolved_prepared_dir / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"no prepared dataset at {cfg.resolved_prepared_dir} to read vocabulary sizes from; "
+                "run `recforge data prepare` or give sizes with --field NAME=ROWS"
+            )
+        meta = read_json(meta_path)
+        cardinalities = {f["name"]: int(f["cardinality"]) for f in meta["fields"]}
+        num_numeric = len(meta["numeric"])
+    if device_memory_gib is not None:
+        device_bytes, name = int(device_memory_gib * 1024**3), f"{device_memory_gib:g} GiB device"
+    else:
+        device_bytes, name = detect_device_memory(cfg.train.device)
+    return plan_memory(cardinalities, num_numeric, cfg.model, cfg.train, world_size=world_size,
+                       device_bytes=device_bytes, device_name=name)

@@ -63,20 +63,20 @@ def test_training_lowers_the_loss(tmp_path):
     assert len(lines) >= 3
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam", "sparse_adam"])
 def test_resume_after_interrupt_gives_identical_weights(tmp_path, optimizer):
     data = _toy_split(3000, seed=2)
     cfg = _cfg(optimizer=optimizer)
-    full = _model(sparse=optimizer == "sparse_adam")
+    full = _model(sparse=optimizer != "adam")
     train(full, data, None, cfg, tmp_path / "full", seed=5, log=lambda _: None)
 
     # Interrupted mid-epoch (step 31 of 24 per epoch = epoch 1, step 7), then resumed in a fresh model.
-    part = _model(sparse=optimizer == "sparse_adam")
+    part = _model(sparse=optimizer != "adam")
     first = train(part, data, None, _cfg(optimizer=optimizer, stop_after_steps=31), tmp_path / "cut", seed=5,
                   log=lambda _: None)
     assert first.interrupted and first.state.global_step == 31 and first.state.epoch == 1
     torch.manual_seed(1234)  # a resumed process starts from other RNG state; the checkpoint restores it
-    resumed = _model(sparse=optimizer == "sparse_adam")
+    resumed = _model(sparse=optimizer != "adam")
     second = train(resumed, data, None, cfg, tmp_path / "cut", seed=5, resume=True, log=lambda _: None)
     assert second.state.finished and second.state.global_step == 3 * 24
 

@@ -27,6 +27,7 @@ from recforge.data.batches import SplitData, iterate_batches, steps_per_epoch
 from recforge.losses import bce_with_logits
 from recforge.runtime import DistContext, choose_device, tune_allocator
 from recforge.train.checkpoint import RunState, load_checkpoint, save_checkpoint, save_weights
+from recforge.train.optim import RowWiseAdam
 
 Validator = Callable[[torch.nn.Module], dict[str, float]]
 # Metrics where smaller is better; the rest (auc, gauc) are maximized.
@@ -54,8 +55,8 @@ def config_digest(train_cfg: TrainConfig, extra: dict[str, Any]) -> str:
 
 
 def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """adam: one Adam over all parameters. sparse_adam: SparseAdam over parameters whose gradients
-    are sparse (the embedding table, built with sparse=True) and Adam over the dense rest."""
+    """adam: one Adam over all parameters. rowwise_adam / sparse_adam: a lazy Adam over parameters
+    whose gradients are sparse (the embedding table, built with sparse=True), Adam over the rest."""
     if cfg.optimizer == "adam":
         return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
     sparse, dense = [], []
@@ -65,9 +66,11 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opti
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     if not sparse:
-        raise ValueError("train.optimizer=sparse_adam needs a model built with sparse embeddings")
+        raise ValueError(f"train.optimizer={cfg.optimizer} needs a model built with sparse embeddings")
+    lazy = RowWiseAdam(sparse, lr=cfg.lr) if cfg.optimizer == "rowwise_adam" else torch.optim.SparseAdam(
+        sparse, lr=cfg.lr)
     return [
-        torch.optim.SparseAdam(sparse, lr=cfg.lr),
+        lazy,
         torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay),
     ]
 
