@@ -39,6 +39,7 @@ and minor page faults.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -390,7 +391,17 @@ def _recforge_version() -> dict[str, Any]:
     status = git("status", "--porcelain", "--", "src")
     return {"commit": git("rev-parse", "--short", "HEAD"),
             "src_modified": None if status is None else bool(status),
+            "src_sha256": _src_digest(),
             "tune_allocator_default": TrainConfig().tune_allocator}
+
+
+def _src_digest() -> str:
+    """Digest of the package source, compared before and after the runs: a change in between
+    means the runs did not all measure the same code."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "src" / "recforge").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _cpu_model() -> str | None:
@@ -447,7 +458,9 @@ def print_table(summary: dict[str, Any], meta: dict[str, Any]) -> None:
           f"{meta['rows']:,} training rows, {meta['val_rows']:,} validation rows, {meta['repeats']} repeats")
     print(f"allocator: {meta['allocator']['summary']}; MALLOC_*: {meta['allocator']['malloc_env']}; "
           f"recforge tunes glibc in-process: {meta['recforge']['tune_allocator_default']}")
-    print(f"recforge: commit {meta['recforge']['commit']}, src/ modified: {meta['recforge']['src_modified']}")
+    rf = meta["recforge"]
+    print(f"recforge: commit {rf['commit']}, src/ modified: {rf['src_modified']}, "
+          f"src sha256 {rf['src_sha256']} (after: {rf['src_sha256_after']})")
     print(f"data: {meta['data']}")
     print(f"load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}")
     header = f"{'variant':<16} {'median/s':>10} {'x naive':>8} {'AUC':>7}  runs (samples/s; sys s; minor faults)"
@@ -538,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"  auc {record['auc']:.4f}  sys {record['sys_s']:.1f}s  minflt {record['minflt']:,}"
                  f"  load {load_start:.2f}->{record['loadavg_1m_end']:.2f}")
     meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    meta["recforge"]["src_sha256_after"] = _src_digest()
+    if meta["recforge"]["src_sha256_after"] != meta["recforge"]["src_sha256"]:
+        _say("warning: src/recforge changed while the benchmark ran; the runs measured different code")
     meta["order"] = order_log
     summary = summarize(runs)
     if args.json:

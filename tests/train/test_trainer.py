@@ -9,7 +9,7 @@ import torch
 from recforge.config import ModelConfig, TrainConfig
 from recforge.data.batches import SplitData, epoch_permutation, iterate_batches, shard_indices
 from recforge.models import FeatureSpec, build_model
-from recforge.train.trainer import train
+from recforge.train.trainer import optimizer_step, train
 
 FEATURES = FeatureSpec(("user", "item", "hour"), (51, 41, 25), ("position",))
 
@@ -140,3 +140,17 @@ def test_rank_shards_are_disjoint_and_equal():
     assert len({len(s) for s in shards}) == 1
     union = torch.cat(shards)
     assert len(union.unique()) == len(union)
+
+
+def test_grad_scaler_skips_and_counts_inf_steps():
+    """The fp16 path's bookkeeping, exercised with torch's CPU GradScaler: an inf loss is skipped and counted."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    skipped = torch.zeros(())
+    x = torch.ones(4, 3)
+    before = model.weight.detach().clone()
+    optimizer_step(model(x).sum() * float("inf"), [opt], scaler, skipped)
+    assert skipped.item() == 1 and torch.equal(model.weight, before)
+    optimizer_step(model(x).sum(), [opt], scaler, skipped)
+    assert skipped.item() == 1 and not torch.equal(model.weight, before)

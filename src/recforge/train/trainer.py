@@ -84,6 +84,32 @@ def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizers: list[torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler | None,
+    skipped: torch.Tensor,
+) -> None:
+    """Backward and update; with a GradScaler (fp16), count skipped steps into `skipped`.
+
+    GradScaler skips the update when gradients hold inf/nan and then lowers the scale; comparing
+    the scale tensors keeps the count on the device, free of a host sync per step.
+    """
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        return
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scale_before = scaler._scale.clone()
+    scaler.update()
+    skipped += (scaler._scale < scale_before).float()
+
+
 def _improved(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -232,7 +258,7 @@ def train(
             # Running sums stay on the device: no host sync per step, only at logging points.
             loss_sum = torch.zeros((), device=device)
             loss_count = 0
-            skipped_steps = 0
+            skipped = torch.zeros((), device=device)  # steps GradScaler skipped, counted on the device
             epoch_start = time.perf_counter()
             epoch_samples = 0
             batches = iterate_batches(train_data, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
@@ -243,21 +269,7 @@ def train(
                 with autocast_context(cfg.amp, device):
                     logits = step_model(batch.categorical, batch.numeric)
                 loss = bce_with_logits(logits, batch.label)
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scale_before = scaler.get_scale()
-                    for opt in optimizers:
-                        scaler.step(opt)
-                    scaler.update()
-                    # GradScaler skips the step when gradients hold inf/nan and lowers the scale.
-                    if scaler.get_scale() < scale_before:
-                        skipped_steps += 1
-                else:
-                    loss.backward()
-                    for opt in optimizers:
-                        opt.step()
+                optimizer_step(loss, optimizers, scaler, skipped)
                 loss_sum += loss.detach()
                 loss_count += 1
                 epoch_samples += len(batch)
@@ -272,7 +284,7 @@ def train(
                             "lower train.lr or turn off train.amp"
                         )
                     write_metrics({"step": state.global_step, "epoch": epoch, "train_loss": mean_loss,
-                                   "skipped_steps": skipped_steps, "time": time.time()})
+                                   "skipped_steps": int(skipped.item()), "time": time.time()})
                     progress.update(task, loss=f"{mean_loss:.4f}")
                 progress.update(task, advance=1)
                 if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
@@ -297,7 +309,7 @@ def train(
             record: dict[str, Any] = {
                 "epoch": epoch, "step": state.global_step,
                 "train_loss": _all_reduce_mean(loss_sum / max(loss_count, 1), dist_ctx).item(),
-                "skipped_steps": skipped_steps,
+                "skipped_steps": int(skipped.item()),
                 "samples_per_s": epoch_samples * dist_ctx.world_size / elapsed if elapsed > 0 else None,
             }
             if validate is not None:
