@@ -129,6 +129,8 @@ class DataConfig(_Strict):
     vocab: VocabConfig = VocabConfig()
     negatives: NegativesConfig = NegativesConfig()
     generate: GenerateConfig = GenerateConfig()
+    # Keep each event's last N clicked items before it (for sequence models such as DIN); 0 = none.
+    history_length: int = Field(0, ge=0)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -74,6 +74,7 @@ def prepare_data(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
         cfg.data.vocab,
         cfg.data.negatives,
         cfg.resolved_prepared_dir,
+        history_length=cfg.data.history_length,
         seed=cfg.seed,
         source={"path": str(source), "format": cfg.data.format, "files": files_read,
                 "validation": result.report()},

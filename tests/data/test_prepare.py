@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from recforge.config import LabelConfig, NegativesConfig, SchemaConfig, SplitConfig, VocabConfig
 from recforge.data.batches import SplitData
+from recforge.data.history import build_histories
 from recforge.data.prepare import assign_splits, prepare
 from recforge.data.schema import DataError
 from recforge.data.validate import validate
@@ -160,3 +162,31 @@ def test_min_count_and_hashing_apply_through_prepare(tmp_path):
 def test_unknown_hash_field_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         _prepare(_log(), tmp_path, vocab=VocabConfig(hash_buckets={"nope": 8}))
+
+
+def test_histories_hold_only_earlier_clicks():
+    """A row's history is the user's clicks strictly before it: never the event itself, a tie, or the future."""
+    users = np.array([0, 0, 0, 0, 0, 1, 1])
+    times = np.array([10, 20, 20, 30, 40, 15, 25])
+    items = np.array([1, 2, 3, 4, 5, 6, 7])
+    labels = np.array([1, 1, 0, 1, 1, 1, 0])
+    values, offsets = build_histories(users, times, items, labels, max_len=2)
+    rows = [values[offsets[r]:offsets[r + 1]].tolist() for r in range(7)]
+    assert rows == [[], [1], [1], [1, 2], [2, 4], [], [6]]
+
+
+def test_prepared_histories_round_trip_through_batches(tmp_path):
+    table = _log(3000)
+    clean = validate(table, SCHEMA).clean
+    info = prepare(clean, SCHEMA, SplitConfig(), VocabConfig(), NegativesConfig(), tmp_path / "p",
+                   history_length=5, seed=1)
+    test = SplitData.load(info.path, "test")
+    assert test.history_values is not None
+    lengths = (test.history_offsets[1:] - test.history_offsets[:-1]).numpy()
+    assert lengths.max() == 5 and lengths.min() >= 0
+    index = torch.tensor([3, 0, 7])
+    batch = test.batch(index)
+    for i, row in enumerate(index.tolist()):
+        expect = test.history_values[test.history_offsets[row]:test.history_offsets[row + 1]]
+        got = batch.history_values[batch.history_offsets[i]:batch.history_offsets[i + 1]]
+        assert torch.equal(expect, got)

@@ -17,22 +17,28 @@ import torch
 
 from recforge.storage import load_array
 
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
 
 @dataclass(frozen=True)
 class Batch:
     categorical: torch.Tensor  # [B, F] int64, field-local indices (0 = unknown)
     numeric: torch.Tensor  # [B, N] float32, standardized
     label: torch.Tensor  # [B] float32 in {0, 1}
+    # The user's clicked items before each event (item-vocabulary indices), ragged:
+    # row i is history_values[history_offsets[i]:history_offsets[i + 1]]. Empty when not prepared.
+    history_values: torch.Tensor = _EMPTY
+    history_offsets: torch.Tensor = _EMPTY
+
+    def _map(self, fn) -> Batch:  # noqa: ANN001 - a tensor -> tensor function
+        return Batch(fn(self.categorical), fn(self.numeric), fn(self.label), fn(self.history_values),
+                     fn(self.history_offsets))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(
-            self.categorical.to(device, non_blocking=non_blocking),
-            self.numeric.to(device, non_blocking=non_blocking),
-            self.label.to(device, non_blocking=non_blocking),
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        return Batch(self.categorical.pin_memory(), self.numeric.pin_memory(), self.label.pin_memory())
+        return self._map(lambda t: t.pin_memory())
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -49,6 +55,8 @@ class SplitData:
     # Grouping key for per-user metrics: a dense id over ALL users of the log, so users unseen in
     # training (who share the unknown embedding row) still form separate groups.
     user_key: np.ndarray
+    history_values: torch.Tensor | None = None
+    history_offsets: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -64,20 +72,39 @@ class SplitData:
             # keeps torch from warning about (and writing through) a read-only mapping.
             return torch.from_numpy(np.array(load_array(base / f"{name}.npy")))
 
+        has_history = (base / "history_values.npy").is_file()
         return cls(
             name=split,
             categorical=tensor("categorical"),
             numeric=tensor("numeric"),
             label=tensor("label"),
             user_key=np.array(load_array(base / "user_key.npy")),
+            history_values=tensor("history_values") if has_history else None,
+            history_offsets=tensor("history_offsets") if has_history else None,
         )
 
     def batch(self, index: torch.Tensor) -> Batch:
-        return Batch(
+        batch = Batch(
             self.categorical.index_select(0, index),
             self.numeric.index_select(0, index),
             self.label.index_select(0, index),
         )
+        if self.history_values is None or self.history_offsets is None:
+            return batch
+        values, offsets = gather_ragged(self.history_values, self.history_offsets, index)
+        return Batch(batch.categorical, batch.numeric, batch.label, values, offsets)
+
+
+def gather_ragged(
+    values: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `index` of a ragged (values, offsets) array, as a new ragged array: three vector ops."""
+    starts = offsets.index_select(0, index)
+    lengths = offsets.index_select(0, index + 1) - starts
+    new_offsets = torch.zeros(len(index) + 1, dtype=torch.long)
+    torch.cumsum(lengths, 0, out=new_offsets[1:])
+    shift = torch.repeat_interleave(starts - new_offsets[:-1], lengths)
+    return values.index_select(0, torch.arange(int(new_offsets[-1])) + shift), new_offsets
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recforge.config import NegativesConfig, SchemaConfig, SplitConfig, VocabConfig
+from recforge.data.history import build_histories, take_histories
 from recforge.data.schema import DataError
 from recforge.data.vocab import Vocab, fit_vocabs, save_vocabs
 from recforge.storage import save_array, write_json
@@ -164,6 +165,7 @@ def prepare(
     negatives_cfg: NegativesConfig,
     out_dir: str | Path,
     *,
+    history_length: int = 0,
     seed: int = 0,
     source: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
@@ -218,6 +220,9 @@ def prepare(
             train_item_counts=train_item_counts, num_item_keys=num_item_keys, cfg=negatives_cfg, seed=seed,
         )
 
+    history_values, history_offsets = build_histories(
+        user_key, times, categorical[:, item_col], labels, history_length)
+
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
         for code, name in enumerate(SPLITS):
@@ -229,6 +234,10 @@ def prepare(
             save_array(part / "label.npy", labels[rows])
             save_array(part / "timestamp.npy", times[rows])
             save_array(part / "user_key.npy", user_key[rows])
+            if history_length > 0:
+                values, offsets = take_histories(history_values, history_offsets, rows)
+                save_array(part / "history_values.npy", values)
+                save_array(part / "history_offsets.npy", offsets)
         save_vocabs(vocabs, tmp / "vocab")
         (tmp / "items").mkdir()
         save_array(tmp / "items" / "features.npy", item_features)
@@ -246,6 +255,7 @@ def prepare(
                 for c, m, s in zip(schema.numeric, mean, std, strict=True)
             ],
             "item_features": list(schema.item_features),
+            "history_length": history_length,
             "label": schema.label.model_dump(),
             "split": {"method": split_cfg.method, "valid_fraction": split_cfg.valid_fraction,
                       "test_fraction": split_cfg.test_fraction, **_split_times(times, split)},
