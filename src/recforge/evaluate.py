@@ -15,7 +15,8 @@ import torch
 from recforge.data.batches import SplitData, iterate_batches
 from recforge.metrics import auc, gauc_detail, logloss, sigmoid
 
-Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (categorical, numeric, history_values, history_offsets) -> logits: every model's signature.
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -31,7 +32,8 @@ def predict_logits(
     out = []
     for batch in iterate_batches(data, batch_size, shuffle=False):
         batch = batch.to(device)
-        out.append(scorer(batch.categorical, batch.numeric).float().cpu())
+        out.append(scorer(batch.categorical, batch.numeric, batch.history_values, batch.history_offsets)
+                   .float().cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 

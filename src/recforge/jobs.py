@@ -25,9 +25,11 @@ from recforge.data.validate import ValidationResult, validate, write_outputs
 from recforge.evaluate import evaluate
 from recforge.models import FeatureSpec, build_model
 from recforge.models.popularity import fit_popularity
+from recforge.models.two_tower import TwoTower
 from recforge.runtime import choose_device, cleanup_distributed, env_fingerprint, init_distributed, seed_everything
 from recforge.simulate.logs import generate as generate_world
 from recforge.storage import read_json, write_json, write_text
+from recforge.train.objectives import InBatchRetrieval
 from recforge.train.plan import MemoryPlan, detect_device_memory, plan_memory
 from recforge.train.trainer import TrainResult, train
 
@@ -89,6 +91,7 @@ def feature_spec(prepared_dir: Path) -> FeatureSpec:
         categorical=tuple(f["name"] for f in meta["fields"]),
         cardinalities=tuple(int(f["cardinality"]) for f in meta["fields"]),
         numeric=tuple(n["name"] for n in meta["numeric"]),
+        roles=tuple(f["role"] for f in meta["fields"]),
     )
 
 
@@ -133,13 +136,17 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
             write_json(run_dir / "env.json", env_fingerprint())
             write_json(run_dir / "features.json", {"categorical": list(features.categorical),
                                                    "cardinalities": list(features.cardinalities),
-                                                   "numeric": list(features.numeric)})
+                                                   "numeric": list(features.numeric),
+                                                   "roles": list(features.roles)})
         prepared_meta = read_json(prepared / "meta.json")
         digest_extra = {"model": cfg.model.model_dump(), "seed": cfg.seed, "features": features.__dict__,
                         "rows": prepared_meta["rows"], "split": prepared_meta["split"]}
+        objective = None
+        if isinstance(model, TwoTower):
+            train_data, objective = _retrieval_setup(model, train_data, features, cfg)
         log(f"training {cfg.model.name} on {len(train_data):,} rows -> {run_dir}")
         result = train(model, train_data, validate_fn, cfg.train, run_dir, seed=cfg.seed,
-                       digest_extra=digest_extra, resume=resume, dist_ctx=dist_ctx, log=log)
+                       digest_extra=digest_extra, resume=resume, dist_ctx=dist_ctx, objective=objective, log=log)
         if dist_ctx.is_main:
             write_json(run_dir / "train_summary.json", {
                 "finished": result.state.finished, "interrupted": result.interrupted,
@@ -152,6 +159,19 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
         return result
     finally:
         cleanup_distributed()
+
+
+def _retrieval_setup(
+    model: TwoTower, train_data: SplitData, features: FeatureSpec, cfg: Config
+) -> tuple[SplitData, InBatchRetrieval]:
+    """Two-tower training sees the positive (user, item) rows; logQ comes from their item frequencies."""
+    positives = train_data.select(torch.nonzero(train_data.label > 0).squeeze(1))
+    if len(positives) == 0:
+        raise ValueError("the training split has no positive rows to train a retrieval model on")
+    item_field = features.columns("item")[0]
+    counts = torch.bincount(positives.categorical[:, item_field], minlength=features.cardinalities[item_field])
+    log_q = torch.log((counts.double() + 1.0) / (counts.sum() + len(counts)))
+    return positives, InBatchRetrieval(model, log_q, item_field, cfg.model.retrieval_loss)
 
 
 def _has_rows(prepared: Path, split: str) -> bool:
@@ -173,7 +193,7 @@ def load_trained_model(run_dir: Path) -> torch.nn.Module:
         raise FileNotFoundError(f"{run_dir} has no model.pt: the run ended before its first epoch finished")
     features_raw = read_json(run_dir / "features.json")
     features = FeatureSpec(tuple(features_raw["categorical"]), tuple(features_raw["cardinalities"]),
-                           tuple(features_raw["numeric"]))
+                           tuple(features_raw["numeric"]), tuple(features_raw.get("roles", ())))
     model = build_model(features, run_cfg.model, sparse=run_cfg.train.sparse_embeddings)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()

@@ -83,6 +83,14 @@ class SplitData:
             history_offsets=tensor("history_offsets") if has_history else None,
         )
 
+    def select(self, rows: torch.Tensor) -> SplitData:
+        """A new split holding only `rows` (e.g. the positives, for retrieval training)."""
+        values, offsets = (None, None)
+        if self.history_values is not None and self.history_offsets is not None:
+            values, offsets = gather_ragged(self.history_values, self.history_offsets, rows)
+        return SplitData(self.name, self.categorical[rows], self.numeric[rows], self.label[rows],
+                         self.user_key[rows.numpy()], values, offsets)
+
     def batch(self, index: torch.Tensor) -> Batch:
         batch = Batch(
             self.categorical.index_select(0, index),

@@ -6,6 +6,8 @@ trainer, so the same module is what gets scripted and served.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -24,8 +26,14 @@ class DNNRanker(nn.Module):
         self.head = nn.Linear(mlp.out_dim, 1)
         self.num_numeric = num_numeric
 
-    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        """categorical [B, F] int64, numeric [B, N] float -> logits [B]."""
+    def forward(
+        self,
+        categorical: torch.Tensor,
+        numeric: torch.Tensor,
+        history_values: Optional[torch.Tensor] = None,  # noqa: UP045 - TorchScript needs Optional
+        history_offsets: Optional[torch.Tensor] = None,  # noqa: UP045
+    ) -> torch.Tensor:
+        """categorical [B, F] int64, numeric [B, N] float -> logits [B]. (No use for histories.)"""
         emb = self.embeddings(categorical).flatten(1)
         x = torch.cat([emb, numeric.to(emb.dtype)], dim=1) if self.num_numeric > 0 else emb
         return self.head(self.mlp(x)).squeeze(-1)

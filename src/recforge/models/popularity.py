@@ -7,6 +7,8 @@ are fit on the training split (Platt scaling), which makes its logloss an honest
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from torch import nn
@@ -22,7 +24,13 @@ class PopularityRanker(nn.Module):
         self.scale = scale
         self.bias = bias
 
-    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        categorical: torch.Tensor,
+        numeric: torch.Tensor,
+        history_values: Optional[torch.Tensor] = None,  # noqa: UP045 - TorchScript needs Optional
+        history_offsets: Optional[torch.Tensor] = None,  # noqa: UP045
+    ) -> torch.Tensor:
         items = categorical[:, self.item_field].clamp(0, self.log_positives.shape[0] - 1)
         return self.log_positives[items] * self.scale + self.bias
 

@@ -21,3 +21,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+class Tower(nn.Module):
+    """An MLP ending in a linear projection (no activation): the output is an embedding, not a feature."""
+
+    def __init__(self, in_dim: int, hidden: list[int], out_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden, dropout)
+        self.projection = nn.Linear(self.mlp.out_dim, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.mlp(x))

@@ -24,9 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from recforge.config import TrainConfig
 from recforge.data.batches import SplitData, iterate_batches, steps_per_epoch
-from recforge.losses import bce_with_logits
 from recforge.runtime import DistContext, choose_device, tune_allocator
 from recforge.train.checkpoint import RunState, load_checkpoint, save_checkpoint, save_weights
+from recforge.train.objectives import Pointwise
 from recforge.train.optim import RowWiseAdam
 
 Validator = Callable[[torch.nn.Module], dict[str, float]]
@@ -179,6 +179,7 @@ def train(
     digest_extra: dict[str, Any] | None = None,
     resume: bool = False,
     dist_ctx: DistContext | None = None,
+    objective: torch.nn.Module | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `model` in place; with `dist_ctx` from runtime.init_distributed, as one rank of DDP.
@@ -186,6 +187,9 @@ def train(
     Under DDP each rank trains on its own shard of every epoch's permutation with the per-rank
     `cfg.batch_size`; rank 0 alone validates, logs and writes checkpoints, and broadcasts the
     early-stopping decision so all ranks stop together.
+
+    `objective` wraps `model` and returns the loss of a batch (train/objectives.py); the default
+    is pointwise BCE on the click label.
     """
     dist_ctx = dist_ctx or DistContext()
     main = dist_ctx.is_main
@@ -204,7 +208,7 @@ def train(
     device = choice.device
     log(f"device: {device} ({choice.reason})" + (
         f"; {dist_ctx.world_size} processes ({dist_ctx.backend})" if dist_ctx.distributed else ""))
-    model.to(device)
+    objective = (objective if objective is not None else Pointwise(model)).to(device)
     optimizers = make_optimizers(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     autocast_context(cfg.amp, device)  # fail early on an impossible AMP setting
@@ -222,7 +226,7 @@ def train(
     if dist_ctx.distributed:
         # Per-rank seeds for dropout; the data order stays the shared (seed, epoch) permutation.
         torch.manual_seed(seed + 7919 * dist_ctx.rank + state.global_step)
-    step_model = _wrap_ddp(model, dist_ctx, device)
+    step_model = _wrap_ddp(objective, dist_ctx, device)
     if cfg.compile:
         step_model = torch.compile(step_model)
 
@@ -267,8 +271,8 @@ def train(
             for batch in batches:
                 batch = batch.to(device, non_blocking=pin)
                 with autocast_context(cfg.amp, device):
-                    logits = step_model(batch.categorical, batch.numeric)
-                loss = bce_with_logits(logits, batch.label)
+                    loss = step_model(batch.categorical, batch.numeric, batch.label, batch.history_values,
+                                      batch.history_offsets)
                 optimizer_step(loss, optimizers, scaler, skipped)
                 loss_sum += loss.detach()
                 loss_count += 1

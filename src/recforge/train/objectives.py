@@ -1,0 +1,50 @@
+"""What a training step minimizes, as small modules wrapping a model (the model never holds its loss).
+
+The trainer calls `objective(categorical, numeric, label, history_values, history_offsets) -> loss`,
+and under DDP it is the objective that gets wrapped, so every objective's forward runs through
+DDP's gradient synchronization. (torchrec's DLRMTrain plays the same role.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recforge.losses import bce_with_logits, bpr, sampled_softmax_with_logq
+from recforge.models.two_tower import TwoTower
+
+
+class Pointwise(nn.Module):
+    """Click prediction: BCE of the model's logit against the 0/1 label (rankers)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, categorical, numeric, label, history_values, history_offsets):  # noqa: ANN001, ANN201
+        return bce_with_logits(self.model(categorical, numeric, history_values, history_offsets), label)
+
+
+class InBatchRetrieval(nn.Module):
+    """Two-tower training on positive (user, item) rows: sampled softmax with logQ correction, or BPR.
+
+    `item_log_q` holds log of each item's share of training positives (index = item vocabulary id).
+    """
+
+    def __init__(self, model: TwoTower, item_log_q: torch.Tensor, item_field: int, loss: str = "softmax"):
+        super().__init__()
+        if loss not in ("softmax", "bpr"):
+            raise ValueError(f"unknown retrieval loss '{loss}' (expected softmax or bpr)")
+        self.model = model
+        self.register_buffer("item_log_q", item_log_q.float())
+        self.item_field = item_field
+        self.loss = loss
+
+    def forward(self, categorical, numeric, label, history_values, history_offsets):  # noqa: ANN001, ANN201
+        user = self.model.user_vector(categorical, numeric, history_values, history_offsets)
+        item = self.model.item_vector(categorical.index_select(1, self.model.item_columns))
+        item_ids = categorical[:, self.item_field]
+        if self.loss == "bpr":
+            negative = item.roll(1, dims=0)  # another row's item: an in-batch negative
+            return bpr((user * item).sum(-1), (user * negative).sum(-1))
+        return sampled_softmax_with_logq(user, item, item_ids, self.item_log_q[item_ids], self.model.temperature)
