@@ -140,6 +140,15 @@ class ModelConfig(_Strict):
     embedding_dim: int = Field(16, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [256, 128])
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Two-tower retrieval: dot product of L2-normalized vectors divided by the temperature.
+    temperature: float = Field(0.05, gt=0.0)
+    normalize: bool = True
+    retrieval_loss: Literal["softmax", "bpr"] = "softmax"
+    # dcnv2 only: cross layers, the rank of each layer's W = U V^T (None: full in_dim x in_dim),
+    # and whether the deep MLP runs beside the cross network ("parallel") or on its output ("stacked").
+    cross_layers: int = Field(3, ge=1)
+    cross_low_rank: int | None = Field(None, ge=1)
+    structure: Literal["parallel", "stacked"] = "parallel"
 
 
 class TrainConfig(_Strict):
