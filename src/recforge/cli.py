@@ -283,6 +283,11 @@ def plan_cmd(
         raise typer.Exit(1)
 
 
+from recforge.doctor import doctor_command  # noqa: E402 - light module: no torch import at CLI start-up beyond what doctor needs
+
+app.command("doctor")(doctor_command)
+
+
 def main() -> None:
     try:
         app()
