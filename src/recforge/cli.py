@@ -20,6 +20,7 @@ from rich.table import Table
 
 from recforge import config as config_module
 from recforge.config import Config
+from recforge.doctor import doctor_command  # imports torch only when run, so --help stays fast
 
 app = typer.Typer(
     add_completion=False,
@@ -282,8 +283,6 @@ def plan_cmd(
     if result.fits is False:
         raise typer.Exit(1)
 
-
-from recforge.doctor import doctor_command  # noqa: E402 - light module: no torch import at CLI start-up beyond what doctor needs
 
 app.command("doctor")(doctor_command)
 

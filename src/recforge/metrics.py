@@ -218,3 +218,165 @@ def fit_platt(scores: ArrayLike, labels: ArrayLike, iters: int = 50) -> tuple[fl
             break
     # Undo the standardization: a*z + b = (a/std)*s + (b - a*mean/std).
     return a / std, b - a * mean / std
+
+
+# ---------------------------------------------------------------- retrieval over the full catalog
+#
+# Per-user item sets (ground truth, items to exclude) are CSR pairs (indptr, indices): user u holds
+# indices[indptr[u]:indptr[u + 1]], the layout of scipy.sparse.csr_matrix and of the ragged arrays in
+# the data layer. Scoring every item for every user does not fit in memory for real catalogs, so
+# callers score a chunk of users at a time, keep only `topk_from_scores` of each chunk ([U, k] ints),
+# and compute the metrics once on the concatenated lists. Membership of a recommended item in a
+# user's ground truth is one np.searchsorted of (user * base + item) keys into the sorted truth
+# keys: no per-user Python, whatever the number of users.
+
+CsrLike = tuple[ArrayLike, ArrayLike]
+
+
+def _csr(pair: CsrLike, num_users: int, name: str) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    indptr = np.asarray(pair[0], dtype=np.int64)
+    indices = np.asarray(pair[1], dtype=np.int64)
+    if indptr.ndim != 1 or indptr.shape[0] != num_users + 1:
+        raise ValueError(f"{name} indptr must be 1-d of length users + 1 = {num_users + 1}, got shape {indptr.shape}")
+    if indices.ndim != 1 or indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(np.diff(indptr) < 0):
+        raise ValueError(
+            f"{name} is not a valid (indptr, indices) pair: indptr must start at 0, never decrease and end at "
+            f"len(indices) = {indices.shape[0]}"
+        )
+    if indices.shape[0] and indices.min() < 0:
+        raise ValueError(f"{name} holds negative item indices")
+    return indptr, indices
+
+
+def _csr_users(indptr: NDArray[np.int64]) -> NDArray[np.int64]:
+    """The user of every stored entry (the row ids of a CSR matrix)."""
+    return np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int64), np.diff(indptr))
+
+
+def slice_users(pair: CsrLike, start: int, stop: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Users [start, stop) of a CSR pair, re-based to start at 0: the `exclude` of one chunk of users."""
+    indptr = np.asarray(pair[0], dtype=np.int64)
+    indices = np.asarray(pair[1], dtype=np.int64)
+    if not 0 <= start <= stop <= indptr.shape[0] - 1:
+        raise ValueError(f"user range [{start}, {stop}) is outside the {indptr.shape[0] - 1} users")
+    return indptr[start : stop + 1] - indptr[start], indices[indptr[start] : indptr[stop]]
+
+
+def topk_from_scores(scores: ArrayLike, k: int, exclude: CsrLike | None = None) -> NDArray[np.int64]:
+    """The k highest-scoring items of each user, best first: [users, items] scores -> [users, k] item ids.
+
+    `exclude` (indptr, indices) removes items per user (typically what they interacted with in
+    training, which retrieval should not re-recommend) by scoring them -inf. Slots that can only be
+    filled with -inf-scored items (a user with fewer than k eligible items, or k > items) hold -1, so
+    an excluded item never appears. Ties are broken by the lower item id within the top k; which of
+    several tied items at the k-th place get in is unspecified. One argpartition (O(items)) plus a
+    sort of the k survivors per user, all vectorized.
+    """
+    s = np.asarray(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be a 2-d [users, items] array, got shape {s.shape}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN; a ranking needs a total order (score excluded items -inf instead)")
+    n_users, n_items = s.shape
+    if exclude is not None:
+        indptr, indices = _csr(exclude, n_users, "exclude")
+        if indices.shape[0]:
+            if indices.max() >= n_items:
+                raise ValueError(f"exclude holds item {int(indices.max())} but scores cover only {n_items} items")
+            s = s.copy()  # never write into the caller's scores
+            s[_csr_users(indptr), indices] = -np.inf
+    take = min(k, n_items)
+    out = np.full((n_users, k), -1, dtype=np.int64)
+    if n_users == 0 or take == 0:
+        return out
+    # The `take` largest land (unordered) in the last columns; sorting them by id first makes the
+    # stable descending sort that follows break ties by the lower id.
+    candidates = np.sort(np.argpartition(s, n_items - take, axis=1)[:, n_items - take :], axis=1)
+    top_scores = np.take_along_axis(s, candidates, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(candidates, order, axis=1)
+    ranked[np.take_along_axis(top_scores, order, axis=1) == -np.inf] = -1
+    out[:, :take] = ranked
+    return out
+
+
+def _retrieval_hits(
+    topk: ArrayLike, truth: CsrLike, k: int | None
+) -> tuple[NDArray[np.bool_], NDArray[np.int64], int]:
+    """(hit [users, k]: is the item at each rank relevant, distinct ground-truth items per user, k)."""
+    top = np.asarray(topk)
+    if top.ndim != 2 or not np.issubdtype(top.dtype, np.integer):
+        raise ValueError(f"topk must be a 2-d integer [users, k] array of item ids, got {top.dtype} {top.shape}")
+    k = top.shape[1] if k is None else k
+    if not 1 <= k <= top.shape[1]:
+        raise ValueError(f"k must lie in [1, {top.shape[1]}] (the length of the top-k lists), got {k}")
+    top = top[:, :k].astype(np.int64, copy=False)
+    n_users = top.shape[0]
+    indptr, indices = _csr(truth, n_users, "truth")
+    # Keys user * base + item are unique per (user, item) for any base above every item id.
+    base = max(int(top.max(initial=0)), int(indices.max(initial=0))) + 1
+    truth_keys = np.unique(_csr_users(indptr) * base + indices)  # sorted; repeated truth items count once
+    n_truth = np.bincount(truth_keys // base, minlength=n_users).astype(np.int64)
+    hit = np.zeros(top.shape, dtype=bool)
+    if truth_keys.shape[0]:
+        keys = np.arange(n_users, dtype=np.int64)[:, None] * base + top
+        found = truth_keys[np.minimum(np.searchsorted(truth_keys, keys), truth_keys.shape[0] - 1)]
+        hit = (found == keys) & (top >= 0)  # -1 marks an empty slot, never a hit
+    return hit, n_truth, k
+
+
+def _mean_over_users_with_truth(values: NDArray[np.float64], n_truth: NDArray[np.int64], name: str) -> float:
+    has_truth = n_truth > 0
+    if not has_truth.any():
+        raise ValueError(f"{name} is undefined: none of the {n_truth.shape[0]} users has a ground-truth item")
+    return float(values[has_truth].mean())
+
+
+def recall_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:
+    """Mean over users with ground truth of |relevant in top k| / |relevant| (k defaults to topk's width).
+
+    Top-k rows are expected to hold distinct items, as `topk_from_scores` returns them.
+    """
+    hit, n_truth, _ = _retrieval_hits(topk, truth, k)
+    recall = hit.sum(axis=1) / np.maximum(n_truth, 1)
+    return _mean_over_users_with_truth(recall, n_truth, "recall@k")
+
+
+def ndcg_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:
+    """Binary-relevance NDCG: DCG = sum of 1 / log2(rank + 1) over relevant ranks (1-based), divided by
+    the DCG of an ideal list, which puts min(k, |relevant|) relevant items first."""
+    hit, n_truth, k = _retrieval_hits(topk, truth, k)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
+    dcg = hit @ discounts
+    ideal = np.cumsum(discounts)[np.clip(n_truth, 1, k) - 1]
+    return _mean_over_users_with_truth(dcg / ideal, n_truth, "ndcg@k")
+
+
+def hit_rate_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:
+    """Share of users (with ground truth) that find at least one relevant item in their top k."""
+    hit, n_truth, _ = _retrieval_hits(topk, truth, k)
+    return _mean_over_users_with_truth(hit.any(axis=1).astype(np.float64), n_truth, "hit_rate@k")
+
+
+def mrr_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:
+    """Mean reciprocal rank of the first relevant item, counting 0 when none is in the top k."""
+    hit, n_truth, _ = _retrieval_hits(topk, truth, k)
+    first = np.argmax(hit, axis=1)  # the first True; 0 for a row without any, masked just below
+    reciprocal = np.where(hit.any(axis=1), 1.0 / (first + 1.0), 0.0)
+    return _mean_over_users_with_truth(reciprocal, n_truth, "mrr@k")
+
+
+def catalog_coverage(topk: ArrayLike, num_items: int) -> float:
+    """Share of the catalog recommended to at least one user: low coverage means a few popular items
+    crowd out the rest, which accuracy metrics alone do not show. Empty (-1) slots are ignored."""
+    top = np.asarray(topk)
+    if num_items < 1:
+        raise ValueError(f"num_items must be at least 1, got {num_items}")
+    items = top[top >= 0].astype(np.int64, copy=False)
+    if items.shape[0] and items.max() >= num_items:
+        raise ValueError(f"topk holds item {int(items.max())}, outside a catalog of {num_items} items")
+    return float(np.count_nonzero(np.bincount(items, minlength=num_items)) / num_items)
