@@ -11,7 +11,8 @@ Variants, each timed over one epoch (samples/s = training rows / seconds):
   naive            the model as plain PyTorch code would have it (one nn.Embedding per field,
                    dense Adam) fed by DataLoader(TensorDataset(...), batch_size=4096, shuffle=True).
   ceiling          recforge's model, optimizers and loss repeating one train step on ONE fixed
-                   batch (no data pipeline, no checkpoint): the compute ceiling of `recforge`.
+                   batch (no data pipeline, no checkpoint), under the allocator set-up train()
+                   applies: the compute ceiling of `recforge`.
   ceiling_sparse   the same for `recforge_sparse`.
 Every variant reports validation AUC (recforge.metrics.auc on the raw logits). The ceiling
 variants train on a single batch, so their AUC only shows that the step runs, not model quality.
@@ -27,9 +28,10 @@ writes instead (train_X.npy, train_y.npy, val_X.npy, val_y.npy). Ids are used as
 unknown values, which changes nothing here but one extra row per field.
 
 glibc malloc serves large blocks with mmap and returns them on free, so per-step temporaries the
-size of the embedding table turn into page faults every step; the allocator settings (MALLOC_*
-variables, LD_PRELOAD) are recorded with every result, and so are the timed part's system time
-and minor page faults.
+size of the embedding table turn into page faults every step. recforge's trainer tunes glibc
+in-process (TrainConfig.tune_allocator) unless MALLOC_* variables are set; the naive loop gets
+whatever the environment gives. The allocator settings (MALLOC_* variables, LD_PRELOAD) are
+recorded with every result, and so are the timed part's system time and minor page faults.
 
     .venv/bin/python bench/train_throughput.py                        # all variants, 3 repeats
     .venv/bin/python bench/train_throughput.py --variants recforge_sparse,ceiling_sparse --repeats 5
