@@ -127,6 +127,9 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
     try:
         seed_everything(cfg.seed)
         features = feature_spec(prepared)
+        if cfg.model.name == "din" and not read_json(prepared / "meta.json").get("history_length"):
+            raise ValueError("model din needs user histories: set data.history_length (e.g. 20) and run "
+                             "`recforge data prepare` again")
         model = build_model(features, cfg.model, sparse=cfg.train.sparse_embeddings)
         train_data = SplitData.load(prepared, "train")
         validate_fn = _validator(prepared, cfg.train.eval_batch_size) if _has_rows(prepared, "valid") else None

@@ -10,9 +10,10 @@ from torch import nn
 from recforge.config import ModelConfig
 from recforge.models.dcn import DCNv2
 from recforge.models.deepfm import DeepFM
+from recforge.models.din import DIN
 from recforge.models.dnn import DNNRanker
 from recforge.models.two_tower import TwoTower
-from recforge.nn import MLP, CrossNetwork, FusedEmbedding, Tower
+from recforge.nn import MLP, CrossNetwork, FusedEmbedding, TargetAttention, Tower
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,21 @@ def build_dcnv2(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -
     return DCNv2(embeddings, cross, mlp, num_numeric=len(features.numeric), structure=cfg.structure)
 
 
+def build_din(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
+    dim = cfg.embedding_dim
+    embeddings = FusedEmbedding(list(features.cardinalities), dim, sparse=sparse)
+    # Inputs: every field's embedding, the attention-pooled history (one embedding), numeric features.
+    mlp = MLP((len(features.categorical) + 1) * dim + len(features.numeric), list(cfg.hidden), cfg.dropout)
+    return DIN(embeddings, TargetAttention(dim), mlp, item_column=features.columns("item")[0],
+               num_numeric=len(features.numeric))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "dnn": build_dnn,
     "two_tower": build_two_tower,
     "deepfm": build_deepfm,
     "dcnv2": build_dcnv2,
+    "din": build_din,
 }
 
 
