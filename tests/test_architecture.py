@@ -13,10 +13,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "recforge"
 # Leaves: anything may import them; they import only each other.
 LEAVES = {"config", "runtime", "storage", "metrics", "losses"}
 # The data flow, left to right. `simulate` is the synthetic source the data layer reads.
-FLOW = ["simulate", "data", "nn", "models", "train", "evaluate", "index", "bundle", "registry", "serve",
-        "experiments"]
+FLOW = ["simulate", "data", "nn", "models", "train", "evaluate", "index", "recommend", "bundle", "registry",
+        "serve", "experiments"]
 # Entry points compose the library; nothing in the library may import them.
-ENTRY_POINTS = {"cli", "jobs", "pipeline", "doctor", "serve.app", "__main__"}
+ENTRY_POINTS = {"cli", "jobs", "retrieval_jobs", "pipeline", "doctor", "serve.app", "__main__"}
 # The server loads bundles with torch alone: no training-side code.
 SERVER_FORBIDDEN = {"train", "models", "nn", "data.prepare", "data.validate", "data.sources", "jobs"}
 

@@ -194,11 +194,74 @@ def evaluate_cmd(
     from recforge import jobs
 
     cfg = _run(_load, config, overrides)
+    run_cfg = _run(jobs.load_run_config, cfg.resolved_run_dir)
+    if run_cfg.model.name == "two_tower":
+        from recforge import retrieval_jobs
+
+        results = _run(retrieval_jobs.evaluate_retrieval, cfg, split)
+        if as_json:
+            print(json.dumps(results))
+        else:
+            out.print(_retrieval_table(results, f"{split} split: full-catalog retrieval"))
+        return
     results = _run(jobs.evaluate_run, cfg, split)
     if as_json:
         print(json.dumps(results))
     else:
         out.print(_metrics_table(results, f"{split} split"))
+
+
+def _retrieval_table(results: dict[str, dict[str, float]], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("scorer")
+    columns = [k for k in next(iter(results.values())) if "@" in k and not k.startswith(("hitrate", "mrr"))]
+    for name in columns:
+        table.add_column(name, justify="right")
+    for scorer, metrics in results.items():
+        table.add_row(scorer, *[f"{metrics[c]:.4f}" for c in columns])
+    return table
+
+
+@app.command("recommend")
+def recommend_cmd(
+    user: Annotated[list[str], typer.Option("--user", "-u", help="Raw user id (repeat for a batch).")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    k: Annotated[int, typer.Option(help="Items to return per user.")] = 10,
+    candidates: Annotated[int, typer.Option(help="Items retrieved from the index before ranking.")] = 200,
+    context: Annotated[list[str] | None, typer.Option(help="FIELD=VALUE request context, e.g. hour=20.")] = None,
+    retrieval_run: Annotated[Path | None, typer.Option(help="Two-tower run (default WORKDIR/two_tower).")] = None,
+    ranking_run: Annotated[Path | None, typer.Option(help="Ranking run (default WORKDIR/dnn).")] = None,
+    include_seen: Annotated[bool, typer.Option(help="Allow items the user already clicked.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Two-stage recommendations: two-tower + FAISS retrieve candidates, the ranker orders them."""
+    from recforge import retrieval_jobs
+
+    cfg = _run(_load, config, overrides)
+    pairs = {}
+    for item in context or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            _fail(ValueError(f"--context {item!r} is not FIELD=VALUE"))
+        pairs[name] = value
+    workdir = Path(cfg.workdir)
+    results = _run(retrieval_jobs.recommend_users, cfg, user, retrieval_run=retrieval_run or workdir / "two_tower",
+                   ranking_run=ranking_run or workdir / "dnn", k=k, num_candidates=candidates, context=pairs,
+                   exclude_seen=not include_seen)
+    if as_json:
+        print(json.dumps([{"user": r.user, "known_user": r.known_user, "items": r.items} for r in results]))
+        return
+    for result in results:
+        table = Table(title=f"user {result.user}" + ("" if result.known_user else " (unknown: cold start)"))
+        table.add_column("#", justify="right")
+        table.add_column("item")
+        table.add_column("ranking score", justify="right")
+        table.add_column("retrieval score", justify="right")
+        for rank, item in enumerate(result.items, start=1):
+            table.add_row(str(rank), str(item["item"]), f"{item['ranking_score']:.4f}",
+                          f"{item['retrieval_score']:.4f}")
+        out.print(table)
 
 
 @app.command("quickstart")

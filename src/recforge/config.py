@@ -160,7 +160,7 @@ class TrainConfig(_Strict):
     # rowwise_adam: sparse embedding gradients + lazy Adam on the rows a batch touches (the fast
     # path; see BENCHMARKS.md for its cost in AUC), Adam for the dense rest.
     # sparse_adam: the same with torch.optim.SparseAdam for the table.
-    optimizer: Literal["adam", "rowwise_adam", "sparse_adam"] = "adam"
+    optimizer: Literal["adam", "rowwise_adam", "sparse_adam"] = "rowwise_adam"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
     patience: int = Field(2, ge=1)

@@ -23,6 +23,7 @@ from recforge.data.prepare import PreparedInfo, prepare
 from recforge.data.sources import read_events
 from recforge.data.validate import ValidationResult, validate, write_outputs
 from recforge.evaluate import evaluate
+from recforge.index import ItemIndex
 from recforge.models import FeatureSpec, build_model
 from recforge.models.popularity import fit_popularity
 from recforge.models.two_tower import TwoTower
@@ -150,6 +151,12 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
         log(f"training {cfg.model.name} on {len(train_data):,} rows -> {run_dir}")
         result = train(model, train_data, validate_fn, cfg.train, run_dir, seed=cfg.seed,
                        digest_extra=digest_extra, resume=resume, dist_ctx=dist_ctx, objective=objective, log=log)
+        if dist_ctx.is_main and isinstance(model, TwoTower) and (run_dir / "model.pt").is_file():
+            # The index is part of a retrieval model: built from the best weights, saved beside them.
+            model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+            index = build_item_index(model.cpu().eval(), prepared, features, run_dir / "index")
+            log(f"item index: {index.kind}, {index.count:,} items"
+                + (f", recall@10 vs exact {index.build_recall:.3f}" if index.build_recall is not None else ""))
         if dist_ctx.is_main:
             write_json(run_dir / "train_summary.json", {
                 "finished": result.state.finished, "interrupted": result.interrupted,
@@ -180,6 +187,24 @@ def _retrieval_setup(
 def _has_rows(prepared: Path, split: str) -> bool:
     """From meta.json, so every rank agrees whether there is validation without loading it."""
     return bool(read_json(prepared / "meta.json")["split"][split]["rows"])
+
+
+def item_catalog(prepared: Path, features: FeatureSpec) -> torch.Tensor:
+    """[items, 1 + item features]: each item index's item-side columns (item id, then its features)."""
+    item_features = np.load(prepared / "items" / "features.npy")
+    ids = np.arange(len(item_features), dtype=np.int64)[:, None]
+    return torch.from_numpy(np.concatenate([ids, item_features], axis=1))
+
+
+def build_item_index(
+    model: TwoTower, prepared: Path, features: FeatureSpec, out_dir: Path, kind: str = "auto"
+) -> ItemIndex:
+    """Item-tower vectors of every known item (index 0, the unknown item, left out) in a FAISS index."""
+    with torch.no_grad():
+        vectors = model.item_vector(item_catalog(prepared, features)).numpy()
+    index = ItemIndex.build(vectors[1:], kind=kind, metric="ip")
+    index.save(out_dir)
+    return index
 
 
 def load_run_config(run_dir: Path) -> Config:

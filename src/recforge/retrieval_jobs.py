@@ -1,0 +1,234 @@
+"""Retrieval as commands: full-catalog evaluation of a two-tower run, and two-stage recommendations.
+
+Composition only (like jobs.py): it loads runs, vocabularies and the prepared data, and hands
+plain tensors to recforge.recommend, the same functions the server calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from recforge.config import Config
+from recforge.data.batches import SplitData
+from recforge.data.vocab import load_vocabs
+from recforge.index import ItemIndex
+from recforge.jobs import build_item_index, feature_spec, item_catalog, load_run_config, load_trained_model
+from recforge.models.two_tower import TwoTower
+from recforge.recommend import Requests, full_catalog_metrics, recommend
+from recforge.storage import read_json, write_json
+
+
+def _csr(owner: np.ndarray, items: np.ndarray, num_owners: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (owner, item) pairs as (indptr, indices), sorted by owner then item."""
+    if len(owner) == 0:
+        return np.zeros(num_owners + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    span = int(items.max()) + 1
+    keys = np.unique(owner.astype(np.int64) * span + items)
+    rows, cols = keys // span, keys % span
+    indptr = np.zeros(num_owners + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=num_owners), out=indptr[1:])
+    return indptr, cols.astype(np.int64)
+
+
+def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (10, 20)) -> dict[str, dict[str, float]]:
+    """Two-tower vs popularity vs item co-occurrence, ranking the FULL catalog for each user.
+
+    Users: those with at least one positive in `split`; their query is their first row of the
+    split (its context, and its history: clicks before it). Truth: their positives in `split`.
+    Excluded from every list: items the user clicked in training.
+    """
+    run_dir = cfg.resolved_run_dir
+    run_cfg = load_run_config(run_dir)
+    prepared = run_cfg.resolved_prepared_dir
+    model = load_trained_model(run_dir)
+    if not isinstance(model, TwoTower):
+        raise ValueError(f"{run_dir} holds a {run_cfg.model.name} model; retrieval evaluation needs two_tower")
+    features = feature_spec(prepared)
+    item_col = features.columns("item")[0]
+    num_items = features.cardinalities[item_col]
+    train = SplitData.load(prepared, "train")
+    data = SplitData.load(prepared, split)
+
+    positive = (data.label > 0).numpy()
+    positive_rows = np.flatnonzero(positive)
+    if len(positive_rows) == 0:
+        raise ValueError(f"split '{split}' has no positive rows to evaluate retrieval on")
+    times = np.load(prepared / split / "timestamp.npy")[positive_rows]
+    by_user_time = positive_rows[np.lexsort((times, data.user_key[positive_rows]))]
+    users, first = np.unique(data.user_key[by_user_time], return_index=True)
+    queries = data.select(torch.from_numpy(by_user_time[first]))
+    truth_owner = np.searchsorted(users, data.user_key[positive])
+    truth = _csr(truth_owner, data.categorical[positive.nonzero()[0], item_col].numpy(), len(users))
+    train_pos = (train.label > 0).numpy()
+    train_users = train.user_key[train_pos]
+    train_items = train.categorical[train_pos.nonzero()[0], item_col].numpy()
+    known = np.isin(train_users, users)
+    exclude = _csr(np.searchsorted(users, train_users[known]), train_items[known], len(users))
+
+    with torch.no_grad():
+        hv = queries.history_values if queries.history_values is not None else torch.zeros(0, dtype=torch.long)
+        ho = queries.history_offsets if queries.history_offsets is not None else torch.zeros(0, dtype=torch.long)
+        user_vectors = model.user_vector(queries.categorical, queries.numeric, hv, ho).numpy()
+        item_vectors = model.item_vector(item_catalog(prepared, features)).numpy()
+
+    popularity = np.bincount(train_items, minlength=num_items).astype(np.float64)
+    cooc = _cooccurrence_scorer(train_users, train_items, users, num_items, popularity)
+    scorers = {
+        "two_tower": lambda a, b: user_vectors[a:b] @ item_vectors.T,
+        "popularity": lambda a, b: np.broadcast_to(popularity, (b - a, num_items)).copy(),
+        "cooccurrence": cooc,
+    }
+    results = {name: full_catalog_metrics(fn, len(users), truth, exclude, num_items, ks)
+               for name, fn in scorers.items()}
+    write_json(run_dir / f"evaluation_retrieval_{split}.json", {"split": split, **results})
+    return results
+
+
+def _cooccurrence_scorer(
+    train_users: np.ndarray, train_items: np.ndarray, eval_users: np.ndarray, num_items: int,
+    popularity: np.ndarray,
+) -> Callable[[int, int], np.ndarray]:
+    """Item-to-item co-occurrence (cosine of item columns of the training user x item matrix):
+    score(u, i) = sum over the user's training items j of cos(j, i)."""
+    all_users, user_row = np.unique(train_users, return_inverse=True)
+    # R: training users x items, binary; Rn: the same with item columns scaled to unit norm.
+    pairs = np.unique(user_row.astype(np.int64) * num_items + train_items)
+    rows, cols = pairs // num_items, pairs % num_items
+    index = torch.from_numpy(np.stack([rows, cols]))
+    shape = (len(all_users), num_items)
+    ones = torch.ones(len(rows), dtype=torch.float64)
+    r_t = torch.sparse_coo_tensor(index, ones, shape, check_invariants=True).t().coalesce()
+    norm = torch.from_numpy(1.0 / np.sqrt(np.maximum(popularity[cols], 1.0)))
+    rn = torch.sparse_coo_tensor(index, norm, shape, check_invariants=True).coalesce()
+    rn_t = rn.t().coalesce()
+    eval_row = np.searchsorted(all_users, eval_users)
+    has_train = (eval_row < len(all_users)) & (all_users[np.minimum(eval_row, len(all_users) - 1)] == eval_users)
+
+    def score(start: int, stop: int) -> np.ndarray:
+        chunk = torch.zeros((stop - start, len(all_users)), dtype=torch.float64)
+        local = np.flatnonzero(has_train[start:stop])
+        chunk[local, eval_row[start:stop][local]] = 1.0
+        # The users' training rows of R, times Rn^T Rn (item-item cosine), as sparse products.
+        user_items = torch.sparse.mm(r_t, chunk.t()).t()  # [chunk, items]
+        return torch.sparse.mm(rn_t, torch.sparse.mm(rn, user_items.t())).t().numpy()
+
+    return score
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user: str
+    known_user: bool
+    items: list[dict[str, Any]]
+
+
+def recommend_users(
+    cfg: Config,
+    users: list[str],
+    *,
+    retrieval_run: Path,
+    ranking_run: Path,
+    k: int = 10,
+    num_candidates: int = 200,
+    context: dict[str, str] | None = None,
+    exclude_seen: bool = True,
+) -> list[Recommendation]:
+    """Two-stage recommendations for raw user ids: two-tower + index -> ranker -> top k."""
+    retrieval_cfg = load_run_config(retrieval_run)
+    ranking_cfg = load_run_config(ranking_run)
+    prepared = retrieval_cfg.resolved_prepared_dir
+    if ranking_cfg.resolved_prepared_dir.resolve() != prepared.resolve():
+        raise ValueError(f"the retrieval run ({retrieval_run}) and the ranking run ({ranking_run}) were trained "
+                         "on different prepared datasets; their item ids do not match")
+    tower = load_trained_model(retrieval_run)
+    if not isinstance(tower, TwoTower):
+        raise ValueError(f"{retrieval_run} holds a {retrieval_cfg.model.name} model, not two_tower")
+    ranker = load_trained_model(ranking_run)
+    features = feature_spec(prepared)
+    index_dir = retrieval_run / "index"
+    index = ItemIndex.load(index_dir) if (index_dir / "index.json").is_file() else build_item_index(
+        tower, prepared, features, index_dir)
+    vocabs = load_vocabs(prepared / "vocab")
+    meta = read_json(prepared / "meta.json")
+    schema = retrieval_cfg.data.schema_
+    user_col, item_col = features.columns("user")[0], features.columns("item")[0]
+    context = dict(context or {})
+    unknown = sorted(set(context) - set(schema.context))
+    if unknown:
+        raise ValueError(f"unknown context field(s) {unknown}; this model's context fields: {schema.context}")
+
+    encoded_users = vocabs[schema.user].encode(pa.array(users, pa.string()))
+    categorical = torch.zeros((len(users), len(features.categorical)), dtype=torch.long)
+    categorical[:, user_col] = torch.from_numpy(encoded_users)
+    for field, value in context.items():
+        column = features.categorical.index(field)
+        categorical[:, column] = int(vocabs[field].encode(pa.array([value], pa.string()))[0])
+    numeric = torch.zeros((len(users), len(features.numeric)))  # standardized features at their mean
+
+    clicked = _clicks_by_user(prepared, user_col, item_col, encoded_users)
+    history_length = int(meta.get("history_length") or 0)
+    histories = [items[-history_length:] if history_length else np.zeros(0, np.int64) for items in clicked]
+    values, offsets = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    if history_length:
+        lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)
+        offsets = torch.zeros(len(users) + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        values = torch.from_numpy(np.concatenate(histories).astype(np.int64))
+    requests = Requests(categorical, numeric, values, offsets)
+
+    exclude = None
+    if exclude_seen:
+        seen = [np.unique(c) - 1 for c in clicked]  # index positions are item id - 1 (row 0 is left out)
+        indptr = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in seen], out=indptr[1:])
+        exclude = (indptr, np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, np.int64))
+
+    def user_encoder(cat, num, hv, ho):  # noqa: ANN001, ANN202
+        return tower.user_vector(cat, num, hv, ho)
+
+    item_columns = features.columns("item", "item_feature")
+    catalog = item_catalog(prepared, features)
+    result = recommend(requests, user_encoder, index, ranker, item_columns, catalog[1:], k=k,
+                       num_candidates=min(num_candidates, index.count), exclude=exclude)
+    item_vocab = vocabs[schema.item]
+    out = []
+    for row, user in enumerate(users):
+        ids = result.items[row]
+        keep = ids >= 0
+        item_index = (ids[keep] + 1).numpy()
+        names = item_vocab.decode(item_index)
+        out.append(Recommendation(user=user, known_user=bool(encoded_users[row] > 0), items=[
+            {"item": name, "ranking_score": float(rs), "retrieval_score": float(ret)}
+            for name, rs, ret in zip(names, result.ranking_scores[row][keep].tolist(),
+                                     result.retrieval_scores[row][keep].tolist(), strict=True)
+        ]))
+    return out
+
+
+def _clicks_by_user(prepared: Path, user_col: int, item_col: int, encoded_users: np.ndarray) -> list[np.ndarray]:
+    """Each requested (known) user's clicked item indices over all splits, oldest first."""
+    cats, times = [], []
+    for split in ("train", "valid", "test"):
+        categorical = np.load(prepared / split / "categorical.npy", mmap_mode="r")
+        label = np.load(prepared / split / "label.npy", mmap_mode="r")
+        mask = (label > 0) & np.isin(categorical[:, user_col], encoded_users[encoded_users > 0])
+        cats.append(np.asarray(categorical[mask][:, [user_col, item_col]]))
+        times.append(np.asarray(np.load(prepared / split / "timestamp.npy", mmap_mode="r")[mask]))
+    pairs, when = np.concatenate(cats), np.concatenate(times)
+    order = np.lexsort((when, pairs[:, 0]))
+    pairs = pairs[order]
+    out = []
+    for user in encoded_users:
+        if user == 0:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        lo, hi = np.searchsorted(pairs[:, 0], [user, user + 1])
+        out.append(pairs[lo:hi, 1].astype(np.int64))
+    return out
