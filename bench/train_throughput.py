@@ -81,7 +81,11 @@ SPECS = {
     "ceiling": ("ceiling", "rowwise_adam", "off"),
     "ceiling_amp": ("ceiling", "rowwise_adam", "bf16"),
     "ceiling_dense": ("ceiling", "adam", "off"),
+    # CUDA only (bench/gpu_check.sh): fp16 autocast with GradScaler.
+    "amp_fp16": ("trainer", "rowwise_adam", "fp16"),
+    "ceiling_fp16": ("ceiling", "rowwise_adam", "fp16"),
 }
+DEVICE = "cpu"  # set from --device in each worker
 VARIANTS = tuple(SPECS)
 # Run by default; recforge_sparse and ceiling_dense on request (--variants).
 DEFAULT_VARIANTS = ("recforge", "amp", "recforge_dense", "naive", "ceiling", "ceiling_amp")
@@ -215,7 +219,7 @@ def _train_config(optimizer: str, amp: str = "off") -> Any:
     from recforge.config import TrainConfig
 
     return TrainConfig(epochs=1, batch_size=BATCH, lr=LR, optimizer=optimizer, amp=amp, progress=False,
-                       checkpoint_every=0, device="cpu")
+                       checkpoint_every=0, device=DEVICE)
 
 
 def _val_auc(score: Any, Xva: np.ndarray, yva: np.ndarray) -> float:
@@ -233,7 +237,8 @@ def _recforge_scorer(model: Any) -> Any:
     import torch
 
     model.eval()
-    return lambda x: model(x, torch.zeros((len(x), 0)))
+    device = next(model.parameters()).device
+    return lambda x: model(x.to(device), torch.zeros((len(x), 0), device=device)).cpu()
 
 
 def run_recforge(data: tuple[np.ndarray, ...], optimizer: str, amp: str) -> dict[str, Any]:
@@ -324,35 +329,36 @@ def run_ceiling(data: tuple[np.ndarray, ...], optimizer: str, amp: str, steps: i
 
     from recforge.data.batches import iterate_batches
     from recforge.losses import bce_with_logits
-    from recforge.train.trainer import autocast_context, make_optimizers
+    from recforge.train.trainer import autocast_context, make_optimizers, optimizer_step
 
     Xtr, ytr, Xva, yva = data
     cfg = _train_config(optimizer, amp)
-    model = _recforge_model(cfg.sparse_embeddings)
+    device = torch.device(DEVICE)
+    model = _recforge_model(cfg.sparse_embeddings).to(device)
     allocator = _tune_allocator_like_trainer(cfg)
     optimizers = make_optimizers(model, cfg)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    skipped = torch.zeros((), device=device)
     # The trainer's own first batch, then its step (zero_grad, forward, loss, backward, step).
-    batch = next(iterate_batches(_split(Xtr, ytr, "train"), BATCH, shuffle=True, seed=0))
+    batch = next(iterate_batches(_split(Xtr, ytr, "train"), BATCH, shuffle=True, seed=0)).to(device)
     model.train()
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=device)
 
     def step() -> None:
         nonlocal loss_sum
-        with autocast_context(cfg.amp, torch.device("cpu")):
+        with autocast_context(cfg.amp, device):
             logits = model(batch.categorical, batch.numeric)
         loss = bce_with_logits(logits, batch.label)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
+        optimizer_step(loss, optimizers, scaler, skipped)
         loss_sum += loss.detach()
 
     for _ in range(warmup):  # optimizer state is allocated on the first step
         step()
+    _sync()
     with _Meter() as meter:
         for _ in range(steps):
             step()
+        _sync()
     record = meter.record(steps * len(batch))
     record["warmup_steps"] = warmup
     record["allocator_in_process"] = allocator
@@ -360,9 +366,19 @@ def run_ceiling(data: tuple[np.ndarray, ...], optimizer: str, amp: str, steps: i
     return record
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so a timer measures the work and not the launches."""
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     data = load_workload(Path(args.workload), args.rows)
     kind, optimizer, amp = SPECS[args.worker]
@@ -442,7 +458,7 @@ def run_one(variant: str, workload: Path, rows: int | None, args: argparse.Names
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = Path(handle.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workload", str(workload),
-           "--threads", str(args.threads), "--result", str(result_path),
+           "--threads", str(args.threads), "--result", str(result_path), "--device", args.device,
            "--ceiling-steps", str(args.ceiling_steps), "--ceiling-warmup", str(args.ceiling_warmup)]
     if rows is not None:
         cmd += ["--rows", str(rows)]
@@ -475,7 +491,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for entry in out.values():
             entry["ratio_to_naive"] = round(entry["samples_per_s"] / out["naive"]["samples_per_s"], 2)
     # How close each trainer variant runs to the compute ceiling of the same step.
-    for variant, ceiling in (("recforge", "ceiling"), ("amp", "ceiling_amp"), ("recforge_dense", "ceiling_dense")):
+    for variant, ceiling in (("recforge", "ceiling"), ("amp", "ceiling_amp"), ("recforge_dense", "ceiling_dense"),
+                             ("amp_fp16", "ceiling_fp16")):
         if variant in out and ceiling in out:
             out[variant]["share_of_ceiling"] = round(out[variant]["samples_per_s"] / out[ceiling]["samples_per_s"], 3)
     return out
@@ -516,6 +533,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where recforge's variants train (naive always runs on the CPU)")
     parser.add_argument("--data", type=Path, default=None,
                         help="directory of .npy files written by ../shared/bench/peers/gen_data.py")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
@@ -557,6 +576,8 @@ def main(argv: list[str] | None = None) -> None:
 
     meta: dict[str, Any] = {
         "torch": torch.__version__, "threads": args.threads, "rows": n_train, "val_rows": n_val,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None,
         "repeats": args.repeats, "variants": variants, "data": data_desc,
         "allocator": allocator_settings(), "recforge": _recforge_version(),
         "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),

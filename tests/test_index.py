@@ -122,3 +122,16 @@ def test_dimension_mismatch_and_bad_arguments_fail_clearly():
         ItemIndex.build(np.full((3, 2), np.nan, dtype=np.float32))
     scores, ids = index.search(np.eye(4, dtype=np.float32)[:1], 6)  # more than the 4 items
     assert ids[0].tolist()[:1] == [0] and ids[0, 4:].tolist() == [-1, -1] and np.isneginf(scores[0, 4:]).all()
+
+
+def test_default_settings_keep_recall_on_a_100k_catalog():
+    """The issue's bar: at the default settings a 100k-item catalog gets the approximate index
+    (auto -> HNSW) with recall@10 >= 0.95 against exact search."""
+    items = _clustered_catalog(n=100_000, dim=32, clusters=300, seed=3)
+    index = ItemIndex.build(items)
+    assert index.kind != "flat"
+    rng = np.random.default_rng(4)
+    queries = items[rng.choice(len(items), 300, replace=False)] + 0.1 * rng.normal(size=(300, 32)).astype(np.float32)
+    _, ids = index.search(queries, 10)
+    assert _recall(ids, _exact_ids(items, queries, 10)) >= 0.95
+    assert index.build_recall >= 0.95

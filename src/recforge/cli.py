@@ -189,6 +189,8 @@ def evaluate_cmd(
     overrides: Overrides = None,
     split: Annotated[str, typer.Option(help="Which prepared split to score.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
+    without_history: Annotated[bool, typer.Option(
+        "--without-history", help="Empty every user history (ablation for sequence models).")] = False,
 ) -> None:
     """Score the trained model and the popularity baseline on the same held-out split."""
     from recforge import jobs
@@ -204,11 +206,11 @@ def evaluate_cmd(
         else:
             out.print(_retrieval_table(results, f"{split} split: full-catalog retrieval"))
         return
-    results = _run(jobs.evaluate_run, cfg, split)
+    results = _run(jobs.evaluate_run, cfg, split, without_history)
     if as_json:
         print(json.dumps(results))
     else:
-        out.print(_metrics_table(results, f"{split} split"))
+        out.print(_metrics_table(results, f"{split} split" + (" (histories emptied)" if without_history else "")))
 
 
 def _retrieval_table(results: dict[str, dict[str, float]], title: str) -> Table:

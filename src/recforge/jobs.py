@@ -7,6 +7,7 @@ so a command and a pipeline step can never drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +229,12 @@ def load_trained_model(run_dir: Path) -> torch.nn.Module:
     return model
 
 
-def evaluate_run(cfg: Config, split: str = "test") -> dict[str, dict[str, float]]:
-    """Model vs popularity on the same held-out split, written to run_dir/evaluation_<split>.json."""
+def evaluate_run(cfg: Config, split: str = "test", without_history: bool = False) -> dict[str, dict[str, float]]:
+    """Model vs popularity on the same held-out split, written to run_dir/evaluation_<split>.json.
+
+    `without_history` scores with every user history emptied: the ablation that shows how much a
+    sequence model (DIN) takes from the history.
+    """
     run_dir = cfg.resolved_run_dir
     run_cfg = load_run_config(run_dir)
     prepared = run_cfg.resolved_prepared_dir
@@ -237,6 +242,9 @@ def evaluate_run(cfg: Config, split: str = "test") -> dict[str, dict[str, float]
     data = SplitData.load(prepared, split)
     if len(data) == 0:
         raise ValueError(f"split '{split}' of {prepared} is empty")
+    if without_history and data.history_offsets is not None:
+        data = dataclasses.replace(data, history_values=torch.zeros(0, dtype=torch.long),
+                                   history_offsets=torch.zeros(len(data) + 1, dtype=torch.long))
     train_data = SplitData.load(prepared, "train")
     features = feature_spec(prepared)
     item_field = features.categorical.index(run_cfg.data.schema_.item)
@@ -246,7 +254,8 @@ def evaluate_run(cfg: Config, split: str = "test") -> dict[str, dict[str, float]
         "model": evaluate(model, data, cfg.train.eval_batch_size),
         "popularity": evaluate(popularity, data, cfg.train.eval_batch_size),
     }
-    write_json(run_dir / f"evaluation_{split}.json", {"split": split, **results})
+    suffix = "_without_history" if without_history else ""
+    write_json(run_dir / f"evaluation_{split}{suffix}.json", {"split": split, **results})
     return results
 
 
