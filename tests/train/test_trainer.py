@@ -34,7 +34,8 @@ def _toy_split(n: int, seed: int, name: str = "train") -> SplitData:
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=3, batch_size=128, lr=0.01, checkpoint_every=5, progress=False, log_every=5, device="cpu")
+    base = dict(epochs=3, batch_size=128, lr=0.01, checkpoint_every=5, progress=False, log_every=5, device="cpu",
+                optimizer="adam")
     base.update(kw)
     return TrainConfig(**base)
 
