@@ -33,3 +33,4 @@ def test_written_files_get_normal_permissions(tmp_path):
     mode = stat.S_IMODE(os.stat(tmp_path / "x.txt").st_mode)
     assert mode & stat.S_IRUSR and mode & stat.S_IRGRP  # not mkstemp's private 0600
     assert storage.sha256_file(tmp_path / "x.txt") == "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
+

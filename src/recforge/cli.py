@@ -206,7 +206,7 @@ def evaluate_cmd(
         else:
             out.print(_retrieval_table(results, f"{split} split: full-catalog retrieval"))
         return
-    results = _run(jobs.evaluate_run, cfg, split, without_history)
+    results = _run(jobs.evaluate_run, cfg, split, without_history, _log)
     if as_json:
         print(json.dumps(results))
     else:

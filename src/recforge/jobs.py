@@ -28,7 +28,14 @@ from recforge.index import ItemIndex
 from recforge.models import FeatureSpec, build_model
 from recforge.models.popularity import fit_popularity
 from recforge.models.two_tower import TwoTower
-from recforge.runtime import choose_device, cleanup_distributed, env_fingerprint, init_distributed, seed_everything
+from recforge.runtime import (
+    choose_device,
+    cleanup_distributed,
+    env_fingerprint,
+    environment_drift,
+    init_distributed,
+    seed_everything,
+)
 from recforge.simulate.logs import generate as generate_world
 from recforge.storage import read_json, write_json, write_text
 from recforge.train.objectives import InBatchRetrieval
@@ -229,7 +236,18 @@ def load_trained_model(run_dir: Path) -> torch.nn.Module:
     return model
 
 
-def evaluate_run(cfg: Config, split: str = "test", without_history: bool = False) -> dict[str, dict[str, float]]:
+def warn_environment_drift(run_dir: Path, log: Log) -> list[str]:
+    """Say so when this environment differs from the run's in a way that can change results."""
+    env_file = run_dir / "env.json"
+    drift = environment_drift(read_json(env_file)) if env_file.is_file() else []
+    for line in drift:
+        log(f"warning: {run_dir} was trained in another environment: {line}; results may differ")
+    return drift
+
+
+def evaluate_run(
+    cfg: Config, split: str = "test", without_history: bool = False, log: Log = print
+) -> dict[str, dict[str, float]]:
     """Model vs popularity on the same held-out split, written to run_dir/evaluation_<split>.json.
 
     `without_history` scores with every user history emptied: the ablation that shows how much a
@@ -239,6 +257,7 @@ def evaluate_run(cfg: Config, split: str = "test", without_history: bool = False
     run_cfg = load_run_config(run_dir)
     prepared = run_cfg.resolved_prepared_dir
     model = load_trained_model(run_dir)
+    warn_environment_drift(run_dir, log)
     data = SplitData.load(prepared, split)
     if len(data) == 0:
         raise ValueError(f"split '{split}' of {prepared} is empty")

@@ -182,3 +182,26 @@ def tune_allocator() -> dict[str, object]:
     )
     applied.update(tuned=ok, mmap_max=0, trim_threshold=2**31 - 1, top_pad=1 << 30)
     return applied
+
+
+def environment_drift(recorded: dict[str, object], current: dict[str, object] | None = None) -> list[str]:
+    """Differences between a recorded environment and this one that can change a model's results.
+
+    Only what moves numbers is compared: torch's major.minor version and the CUDA build (a patch
+    release or another machine name changes nothing worth a warning).
+    """
+    current = current or env_fingerprint()
+
+    def major_minor(version: object) -> str | None:
+        if not version:
+            return None
+        parts = str(version).split("+")[0].split(".")
+        return ".".join(parts[:2])
+
+    drift = []
+    if major_minor(recorded.get("torch")) != major_minor(current.get("torch")):
+        drift.append(f"torch {recorded.get('torch')} recorded, {current.get('torch')} here")
+    if major_minor(recorded.get("cuda")) != major_minor(current.get("cuda")):
+        drift.append(f"CUDA build {recorded.get('cuda') or 'none (CPU)'} recorded, "
+                     f"{current.get('cuda') or 'none (CPU)'} here")
+    return drift
