@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ def run_dataset(dataset: str, models: list[str], extra: list[str], workroot: Pat
                 recforge("data", "generate", *common)
             recforge("data", "prepare", *common)
             prepared.add(str(workdir))
+        shutil.rmtree(workroot / dataset / model, ignore_errors=True)  # a fresh run each time
         started = time.perf_counter()
         recforge("train", *common)
         seconds = time.perf_counter() - started

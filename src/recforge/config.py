@@ -164,7 +164,8 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
     patience: int = Field(2, ge=1)
-    early_stopping_metric: Literal["auc", "gauc", "logloss"] = "auc"
+    # recall@20: full-catalog Recall@20 on the validation split (retrieval models).
+    early_stopping_metric: Literal["auc", "gauc", "logloss", "recall@20"] = "auc"
     checkpoint_every: int = Field(200, ge=0)  # steps; 0 = only at epoch end
     log_every: int = Field(50, ge=1)
     eval_batch_size: int = Field(65536, ge=1)

@@ -28,6 +28,7 @@ from recforge.index import ItemIndex
 from recforge.models import FeatureSpec, build_model
 from recforge.models.popularity import fit_popularity
 from recforge.models.two_tower import TwoTower
+from recforge.recommend import RetrievalTask, full_catalog_metrics, retrieval_task
 from recforge.runtime import (
     choose_device,
     cleanup_distributed,
@@ -141,7 +142,10 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
                              "`recforge data prepare` again")
         model = build_model(features, cfg.model, sparse=cfg.train.sparse_embeddings)
         train_data = SplitData.load(prepared, "train")
-        validate_fn = _validator(prepared, cfg.train.eval_batch_size) if _has_rows(prepared, "valid") else None
+        validate_fn = None
+        if _has_rows(prepared, "valid"):
+            validate_fn = (_retrieval_validator(prepared, features) if cfg.train.early_stopping_metric == "recall@20"
+                           else _validator(prepared, cfg.train.eval_batch_size))
         if dist_ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -177,6 +181,33 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
         return result
     finally:
         cleanup_distributed()
+
+
+def _retrieval_validator(prepared: Path, features: FeatureSpec) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """Full-catalog Recall/NDCG@20 on the valid split (a two-tower model's own goal), loaded on first use."""
+    item_col = features.columns("item")[0]
+    loaded: list[tuple[RetrievalTask, torch.Tensor]] = []
+
+    def run(model: torch.nn.Module) -> dict[str, float]:
+        if not isinstance(model, TwoTower):
+            raise ValueError("train.early_stopping_metric=recall@20 needs a retrieval model (two_tower)")
+        if not loaded:
+            valid = SplitData.load(prepared, "valid")
+            times = np.load(prepared / "valid" / "timestamp.npy")
+            loaded.append((retrieval_task(SplitData.load(prepared, "train"), valid, times, item_col),
+                           item_catalog(prepared, features)))
+        task, catalog = loaded[0]
+        device = next(model.parameters()).device
+        batch = task.queries.batch(torch.arange(len(task.queries))).to(device)
+        with torch.no_grad():
+            users = model.user_vector(batch.categorical, batch.numeric, batch.history_values,
+                                      batch.history_offsets).float().cpu().numpy()
+            items = model.item_vector(catalog.to(device)).float().cpu().numpy()
+        metrics = full_catalog_metrics(lambda a, b: users[a:b] @ items.T, len(task.users), task.truth,
+                                       task.exclude, len(items), ks=(20,))
+        return {"recall@20": metrics["recall@20"], "ndcg@20": metrics["ndcg@20"]}
+
+    return run
 
 
 def _retrieval_setup(

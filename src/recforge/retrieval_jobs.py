@@ -21,20 +21,8 @@ from recforge.data.vocab import load_vocabs
 from recforge.index import ItemIndex
 from recforge.jobs import build_item_index, feature_spec, item_catalog, load_run_config, load_trained_model
 from recforge.models.two_tower import TwoTower
-from recforge.recommend import Requests, full_catalog_metrics, recommend
+from recforge.recommend import Requests, full_catalog_metrics, recommend, retrieval_task
 from recforge.storage import read_json, write_json
-
-
-def _csr(owner: np.ndarray, items: np.ndarray, num_owners: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unique (owner, item) pairs as (indptr, indices), sorted by owner then item."""
-    if len(owner) == 0:
-        return np.zeros(num_owners + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    span = int(items.max()) + 1
-    keys = np.unique(owner.astype(np.int64) * span + items)
-    rows, cols = keys // span, keys % span
-    indptr = np.zeros(num_owners + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=num_owners), out=indptr[1:])
-    return indptr, cols.astype(np.int64)
 
 
 def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (10, 20)) -> dict[str, dict[str, float]]:
@@ -56,21 +44,12 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     train = SplitData.load(prepared, "train")
     data = SplitData.load(prepared, split)
 
-    positive = (data.label > 0).numpy()
-    positive_rows = np.flatnonzero(positive)
-    if len(positive_rows) == 0:
-        raise ValueError(f"split '{split}' has no positive rows to evaluate retrieval on")
-    times = np.load(prepared / split / "timestamp.npy")[positive_rows]
-    by_user_time = positive_rows[np.lexsort((times, data.user_key[positive_rows]))]
-    users, first = np.unique(data.user_key[by_user_time], return_index=True)
-    queries = data.select(torch.from_numpy(by_user_time[first]))
-    truth_owner = np.searchsorted(users, data.user_key[positive])
-    truth = _csr(truth_owner, data.categorical[positive.nonzero()[0], item_col].numpy(), len(users))
+    times = np.load(prepared / split / "timestamp.npy")
+    task = retrieval_task(train, data, times, item_col)
+    users, queries, truth, exclude = task.users, task.queries, task.truth, task.exclude
     train_pos = (train.label > 0).numpy()
     train_users = train.user_key[train_pos]
     train_items = train.categorical[train_pos.nonzero()[0], item_col].numpy()
-    known = np.isin(train_users, users)
-    exclude = _csr(np.searchsorted(users, train_users[known]), train_items[known], len(users))
 
     with torch.no_grad():
         hv = queries.history_values if queries.history_values is not None else torch.zeros(0, dtype=torch.long)

@@ -37,9 +37,10 @@ def test_din_without_histories_says_what_to_do(tmp_path, world):
 
 def test_two_tower_retrieval_and_two_stage_recommend(world):
     tower = [f"workdir={world}", *WORLD, "model.name=two_tower", "model.hidden=[64]", "train.batch_size=512",
-             f"run_dir={world / 'two_tower'}"]
+             "train.early_stopping_metric=recall@20", f"run_dir={world / 'two_tower'}"]
     trained = run("train", *tower, cwd=world)
     assert "item index: flat" in trained.stderr
+    assert "valid_recall@20" in trained.stderr  # early stopping on full-catalog validation recall
     assert (world / "two_tower" / "index" / "index.json").is_file()
     results = json.loads(run("evaluate", "--json", *tower, cwd=world).stdout)
     assert set(results) == {"two_tower", "popularity", "cooccurrence"}

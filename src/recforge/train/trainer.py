@@ -369,7 +369,7 @@ def _wrap_ddp(model: torch.nn.Module, dist_ctx: DistContext, device: torch.devic
 
 def _epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch']}", f"train_loss {record['train_loss']:.4f}"]
-    for key in ("valid_auc", "valid_gauc", "valid_logloss"):
+    for key in ("valid_auc", "valid_gauc", "valid_logloss", "valid_recall@20", "valid_ndcg@20"):
         if key in record:
             parts.append(f"{key} {record[key]:.4f}")
     if record.get("samples_per_s"):
