@@ -32,7 +32,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Generate, validate and prepar
 app.add_typer(data_app, name="data")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line in logs
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2")]
@@ -347,6 +347,47 @@ def plan_cmd(
         out.print(f"  - {line}")
     if result.fits is False:
         raise typer.Exit(1)
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Option("--run", help="Trained run directory (as `recforge train` writes it).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist).")],
+    parity_rows: Annotated[int, typer.Option(help="Held-out rows the scripted model is checked on.")] = 2048,
+) -> None:
+    """Export a trained run as a self-contained TorchScript bundle with a checksummed manifest."""
+    import torch
+
+    from recforge import bundle, jobs
+    from recforge.data.batches import SplitData
+    from recforge.storage import read_json
+
+    def export() -> Path:
+        # Composition lives here, not in the bundle module, so serving never imports the training side.
+        run_cfg = jobs.load_run_config(run)
+        model = jobs.load_trained_model(run)
+        prepared = run_cfg.resolved_prepared_dir
+        held_out = SplitData.load(prepared, "test")
+        if len(held_out) == 0:
+            held_out = SplitData.load(prepared, "valid")
+        rows = held_out.batch(torch.arange(min(parity_rows, len(held_out))))
+        retrieval = run_cfg.model.name == "two_tower"
+        evaluation = run / "evaluation_test.json"
+        return bundle.write_bundle(
+            model, out_dir, model_name=run_cfg.model.name, features=read_json(run / "features.json"),
+            vocab_dir=prepared / "vocab", config=run_cfg.to_dict(),
+            metrics=read_json(evaluation) if evaluation.is_file() else {},
+            data_fingerprint=bundle.data_fingerprint(read_json(prepared / "meta.json")),
+            parity_inputs=(rows.categorical, rows.numeric, rows.history_values, rows.history_offsets),
+            item_index_dir=run / "index" if retrieval else None,
+            item_features=jobs.item_catalog(prepared, jobs.feature_spec(prepared)).numpy() if retrieval else None,
+        )
+
+    path = _run(export)
+    manifest = _run(bundle.read_manifest, path)
+    print(json.dumps({"bundle": str(path), "kind": manifest["kind"], "model_name": manifest["model_name"],
+                      "schema_version": manifest["schema_version"], "files": len(manifest["files"]),
+                      "parity_max_abs_diff": manifest["parity_max_abs_diff"]}))
 
 
 app.command("doctor")(doctor_command)
