@@ -390,6 +390,121 @@ def export_cmd(
                       "parity_max_abs_diff": manifest["parity_max_abs_diff"]}))
 
 
+registry_app = typer.Typer(no_args_is_help=True, help="Versioned models: publish bundles, move aliases, roll back.")
+app.add_typer(registry_app, name="registry")
+RegistryOpt = Annotated[Path, typer.Option("--registry", "-r", envvar="RECFORGE_REGISTRY",
+                                           help="Registry root directory.")]
+ModelArg = Annotated[str, typer.Argument(help="Model name in the registry.")]
+AliasOpt = Annotated[str, typer.Option("--alias", help="Alias to move.")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why; recorded in the history.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")]
+
+
+def _fmt_metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@registry_app.command("list")
+def registry_list(model: ModelArg, registry: RegistryOpt, as_json: JsonOpt = False) -> None:
+    """Committed versions of a model, oldest first, with their aliases and metrics."""
+    from recforge import registry as reg
+
+    versions = _run(reg.list_versions, registry, model)
+    if as_json:
+        print(json.dumps([v.to_dict() for v in versions]))
+        return
+    if not versions:
+        _fail(ValueError(f"model {model!r} has no published versions in {registry}"))
+    table = Table(title=f"{model} in {registry}")
+    for column in ("version", "aliases", "created", "kind", "metrics", "note"):
+        table.add_column(column)
+    for v in versions:
+        shown = ", ".join(f"{k}={val:.4f}" for k, val in list(v.metrics.items())[:4])
+        table.add_row(str(v.number), ", ".join(v.aliases), v.created, v.kind, shown, v.note)
+    out.print(table)
+
+
+@registry_app.command("show")
+def registry_show(model: ModelArg, registry: RegistryOpt,
+                  ref: Annotated[str, typer.Argument(help="Version number, alias or 'latest'.")] = "latest",
+                  as_json: JsonOpt = False) -> None:
+    """One version in detail: where it lives, when and why it was published, its metrics."""
+    from recforge import registry as reg
+
+    info = _run(reg.show, registry, model, ref)
+    if as_json:
+        print(json.dumps(info))
+        return
+    table = Table(title=f"{model} version {info['number']}")
+    table.add_column("field")
+    table.add_column("value")
+    for key in ("path", "aliases", "created", "user", "note", "kind", "bundle_model_name", "files"):
+        value = info[key]
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    for key, value in info["metrics"].items():
+        table.add_row(f"metric {key}", _fmt_metric(value))
+    out.print(table)
+
+
+@registry_app.command("publish")
+def registry_publish(model: ModelArg,
+                     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory (from `recforge export`).")],
+                     registry: RegistryOpt,
+                     note: Annotated[str, typer.Option("--note", help="Free text kept with the version.")] = "",
+                     ) -> None:
+    """Verify a bundle and store it as the model's next version."""
+    from recforge import registry as reg
+
+    number = _run(reg.publish, registry, bundle_dir, model, note)
+    _log(f"published {bundle_dir} as {model} version {number}")
+    print(json.dumps({"model": model, "version": number, "path": str(_run(reg.resolve, registry, model, number))}))
+
+
+@registry_app.command("promote")
+def registry_promote(model: ModelArg, version: Annotated[str, typer.Argument(help="Version number or alias.")],
+                     registry: RegistryOpt, alias: AliasOpt = "production", reason: ReasonOpt = "") -> None:
+    """Point an alias (default production) at a verified version."""
+    from recforge import registry as reg
+
+    record = _run(reg.promote, registry, model, version, alias, reason)
+    _log(f"{model}: {alias} {record['from']} -> {record['to']}")
+    print(json.dumps(record))
+
+
+@registry_app.command("rollback")
+def registry_rollback(model: ModelArg, registry: RegistryOpt, alias: AliasOpt = "production",
+                      reason: ReasonOpt = "") -> None:
+    """Move an alias back to the version it pointed at before its last promotion."""
+    from recforge import registry as reg
+
+    record = _run(reg.rollback, registry, model, alias, reason)
+    _log(f"{model}: {alias} rolled back {record['from']} -> {record['to']}")
+    print(json.dumps(record))
+
+
+@registry_app.command("diff")
+def registry_diff(model: ModelArg, a: Annotated[str, typer.Argument(help="Version, alias or 'latest'.")],
+                  b: Annotated[str, typer.Argument(help="Version, alias or 'latest'.")], registry: RegistryOpt,
+                  as_json: JsonOpt = False) -> None:
+    """Two versions side by side: every metric, and the config keys that differ."""
+    from recforge import registry as reg
+
+    result = _run(reg.diff, registry, model, a, b)
+    if as_json:
+        print(json.dumps(result))
+        return
+    va, vb = result["a"]["version"], result["b"]["version"]
+    table = Table(title=f"{model}: version {va} vs {vb}")
+    for column in ("", "key", f"v{va}", f"v{vb}"):
+        table.add_column(column)
+    for key, (x, y) in result["metrics"].items():
+        delta = "" if x is None or y is None else f" ({y - x:+.4f})"
+        table.add_row("metric", key, _fmt_metric(x), _fmt_metric(y) + delta)
+    for key, (x, y) in result["config"].items():
+        table.add_row("config", key, json.dumps(x), json.dumps(y))
+    out.print(table)
+
+
 app.command("doctor")(doctor_command)
 
 
