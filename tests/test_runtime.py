@@ -28,6 +28,17 @@ def test_free_port_is_bindable():
         sock.bind(("127.0.0.1", port))
 
 
-def test_allocator_tuning_reports_what_it_did():
+def test_allocator_tuning_reports_what_it_did(monkeypatch):
+    import platform
+
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     applied = tune_allocator()
-    assert "tuned" in applied and "allocator" in applied
+    if platform.libc_ver()[0] == "glibc":
+        assert applied["tuned"] is True and applied["mmap_max"] == 0
+    else:
+        assert applied["tuned"] is False and "nothing to tune" in applied["reason"]
+    # Settings the user gave in the environment win and are left alone.
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    respected = tune_allocator()
+    assert respected["tuned"] is False and "environment" in respected["reason"]

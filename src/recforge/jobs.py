@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import yaml
 
@@ -73,12 +74,12 @@ def validate_source(cfg: Config, out_dir: Path | None = None) -> ValidationOutco
 
 def prepare_data(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
     """Validate, then split/encode into the prepared directory (quarantine and report go with it)."""
+    outcome = validate_source(cfg)
+    result, files = outcome.result, outcome.files
     schema = cfg.data.schema_
     source = cfg.resolved_source
-    table = read_events(source, cfg.data.format, schema)
-    result = validate(table, schema)
-    files = write_outputs(result, validation_dir(cfg))
-    files_read = sorted(set(table.column("_file").to_pylist())) if "_file" in table.column_names else []
+    files_read = sorted({name for part in (result.clean, result.quarantine) if "_file" in part.column_names
+                         for name in pc.unique(part.column("_file")).to_pylist()})
     info = prepare(
         result.clean,
         schema,
@@ -137,13 +138,14 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
     try:
         seed_everything(cfg.seed)
         features = feature_spec(prepared)
-        if cfg.model.name == "din" and not read_json(prepared / "meta.json").get("history_length"):
+        prepared_meta = read_json(prepared / "meta.json")
+        if cfg.model.name == "din" and not prepared_meta.get("history_length"):
             raise ValueError("model din needs user histories: set data.history_length (e.g. 20) and run "
                              "`recforge data prepare` again")
         model = build_model(features, cfg.model, sparse=cfg.train.sparse_embeddings)
         train_data = SplitData.load(prepared, "train")
         validate_fn = None
-        if _has_rows(prepared, "valid"):
+        if prepared_meta["split"]["valid"]["rows"]:
             validate_fn = (_retrieval_validator(prepared, features) if cfg.train.early_stopping_metric == "recall@20"
                            else _validator(prepared, cfg.train.eval_batch_size))
         if dist_ctx.is_main:
@@ -154,7 +156,6 @@ def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> Train
                                                    "cardinalities": list(features.cardinalities),
                                                    "numeric": list(features.numeric),
                                                    "roles": list(features.roles)})
-        prepared_meta = read_json(prepared / "meta.json")
         digest_extra = {"model": cfg.model.model_dump(), "seed": cfg.seed, "features": features.__dict__,
                         "rows": prepared_meta["rows"], "split": prepared_meta["split"]}
         objective = None
@@ -221,11 +222,6 @@ def _retrieval_setup(
     counts = torch.bincount(positives.categorical[:, item_field], minlength=features.cardinalities[item_field])
     log_q = torch.log((counts.double() + 1.0) / (counts.sum() + len(counts)))
     return positives, InBatchRetrieval(model, log_q, item_field, cfg.model.retrieval_loss)
-
-
-def _has_rows(prepared: Path, split: str) -> bool:
-    """From meta.json, so every rank agrees whether there is validation without loading it."""
-    return bool(read_json(prepared / "meta.json")["split"][split]["rows"])
 
 
 def item_catalog(prepared: Path, features: FeatureSpec) -> torch.Tensor:

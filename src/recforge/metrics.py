@@ -304,6 +304,18 @@ def topk_from_scores(scores: ArrayLike, k: int, exclude: CsrLike | None = None) 
     return out
 
 
+def in_sorted(sorted_keys: NDArray[np.int64], query: NDArray[np.int64]) -> NDArray[np.bool_]:
+    """Elementwise membership of `query` in the ascending array `sorted_keys` (one searchsorted).
+
+    The (user, item) pair tests of retrieval, exclusion and negative sampling all encode pairs as
+    user * base + item and ask this question.
+    """
+    if sorted_keys.shape[0] == 0:
+        return np.zeros(np.shape(query), dtype=bool)
+    position = np.minimum(np.searchsorted(sorted_keys, query), sorted_keys.shape[0] - 1)
+    return sorted_keys[position] == query
+
+
 def _retrieval_hits(
     topk: ArrayLike, truth: CsrLike, k: int | None
 ) -> tuple[NDArray[np.bool_], NDArray[np.int64], int]:
@@ -321,11 +333,8 @@ def _retrieval_hits(
     base = max(int(top.max(initial=0)), int(indices.max(initial=0))) + 1
     truth_keys = np.unique(_csr_users(indptr) * base + indices)  # sorted; repeated truth items count once
     n_truth = np.bincount(truth_keys // base, minlength=n_users).astype(np.int64)
-    hit = np.zeros(top.shape, dtype=bool)
-    if truth_keys.shape[0]:
-        keys = np.arange(n_users, dtype=np.int64)[:, None] * base + top
-        found = truth_keys[np.minimum(np.searchsorted(truth_keys, keys), truth_keys.shape[0] - 1)]
-        hit = (found == keys) & (top >= 0)  # -1 marks an empty slot, never a hit
+    keys = np.arange(n_users, dtype=np.int64)[:, None] * base + top
+    hit = in_sorted(truth_keys, keys) & (top >= 0)  # -1 marks an empty slot, never a hit
     return hit, n_truth, k
 
 

@@ -19,6 +19,7 @@ from recforge.index import ItemIndex
 from recforge.metrics import (
     catalog_coverage,
     hit_rate_at_k,
+    in_sorted,
     mrr_at_k,
     ndcg_at_k,
     recall_at_k,
@@ -71,9 +72,7 @@ def retrieve(
         # One vectorized membership test over all (user, item) pairs: key = user * span + item.
         span = int(max(ids.max(initial=0), indices.max(initial=0))) + 1
         keys = np.sort(owner * span + indices)
-        query = np.arange(len(ids))[:, None] * span + np.maximum(ids, 0)
-        position = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-        banned = (ids >= 0) & (keys[position] == query)
+        banned = (ids >= 0) & in_sorted(keys, np.arange(len(ids))[:, None] * span + np.maximum(ids, 0))
         scores = np.where(banned, -np.inf, scores)
         ids = np.where(banned, -1, ids)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :num_candidates]

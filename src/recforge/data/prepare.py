@@ -25,6 +25,7 @@ from recforge.config import NegativesConfig, SchemaConfig, SplitConfig, VocabCon
 from recforge.data.history import build_histories, take_histories
 from recforge.data.schema import DataError
 from recforge.data.vocab import Vocab, fit_vocabs, save_vocabs
+from recforge.metrics import in_sorted
 from recforge.storage import save_array, write_json
 
 PREPARED_SCHEMA_VERSION = 1
@@ -139,19 +140,16 @@ def sample_negatives(
     probs = candidate_weights / candidate_weights.sum()
     choice = rng.choice(len(candidate_items), size=n, p=probs)
     pending = np.arange(n)
+
+    def collides(rows: np.ndarray) -> np.ndarray:
+        return in_sorted(forbidden_pairs, user_key[owner[rows]] * item_key_space + candidate_items[choice[rows]])
+
     for _ in range(_NEGATIVE_RESAMPLE_ROUNDS):
-        pair = user_key[owner[pending]] * item_key_space + candidate_items[choice[pending]]
-        pos = np.searchsorted(forbidden_pairs, pair)
-        hit = (pos < len(forbidden_pairs)) & (forbidden_pairs[np.minimum(pos, len(forbidden_pairs) - 1)] == pair)
-        pending = pending[hit]
+        pending = pending[collides(pending)]
         if len(pending) == 0:
             break
         choice[pending] = rng.choice(len(candidate_items), size=len(pending), p=probs)
-    else:
-        pair = user_key[owner[pending]] * item_key_space + candidate_items[choice[pending]]
-        pos = np.searchsorted(forbidden_pairs, pair)
-        hit = (pos < len(forbidden_pairs)) & (forbidden_pairs[np.minimum(pos, len(forbidden_pairs) - 1)] == pair)
-        pending = pending[hit]
+    pending = pending[collides(pending)]  # what the last round drew may still collide
     keep = np.ones(n, dtype=bool)
     keep[pending] = False
     return owner[keep], choice[keep]
