@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 DEV_LOCK := requirements/dev-lock.txt
 
-.PHONY: quickstart test lint bench clean
+.PHONY: quickstart test lint bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "recforge needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -34,6 +34,12 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/train_throughput.py
+
+# Recompile the lock files from requirements/*.in with pip-tools in a throwaway environment.
+lock:
+	rm -rf .lock-tools && $(PYTHON) -m venv .lock-tools && .lock-tools/bin/pip install --quiet pip-tools==7.6.2
+	LOCK_COMPILER=$(CURDIR)/.lock-tools/bin/pip-compile requirements/compile.sh
+	rm -rf .lock-tools
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
