@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 DEV_LOCK := requirements/dev-lock.txt
 
-.PHONY: quickstart test lint bench lock clean
+.PHONY: quickstart test lint bench lock lock-cuda clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "recforge needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -40,6 +40,10 @@ lock:
 	rm -rf .lock-tools && $(PYTHON) -m venv .lock-tools && .lock-tools/bin/pip install --quiet pip-tools==7.6.2
 	LOCK_COMPILER=$(CURDIR)/.lock-tools/bin/pip-compile requirements/compile.sh
 	rm -rf .lock-tools
+
+# The CUDA lock (torch 2.13.0 CUDA build + the same pins as lock.txt); see docs/environments.md.
+lock-cuda:
+	requirements/compile-cuda.sh pypi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -205,7 +205,24 @@ def _cuda_build_fix(driver: DriverInfo, lead: str = "install a CUDA build of tor
     lock = _cuda_lock_file()
     if lock is not None:
         fix += f"; or install the project's CUDA lock: {sys.executable} -m pip install -r {lock}"
+        fix += _lock_driver_note(lock, driver)
     return fix
+
+
+def _lock_driver_note(lock: Path, driver: DriverInfo) -> str:
+    """The driver the CUDA lock needs, read from its name (lock-cu130.txt -> CUDA 13.0).
+
+    It may differ from the wheel suggested before it: PyPI's torch is a CUDA 13 build, which a driver
+    that runs cu126 cannot load.
+    """
+    match = re.search(r"cu(\d+)(\d)(?!\d)", lock.name)
+    floor = driver_floor(f"{match.group(1)}.{match.group(2)}")[0] if match else None
+    if match is None or floor is None:
+        return ""
+    cuda = f"{match.group(1)}.{match.group(2)}"
+    if driver.version is not None and not _at_least(driver.version, floor):
+        return f" (a CUDA {cuda} build: it needs driver >= {floor}, newer than this machine's {driver.version})"
+    return f" (a CUDA {cuda} build: it needs NVIDIA driver >= {floor})"
 
 
 def _driver_install_fix(cuda: str | None) -> str:
@@ -318,7 +335,8 @@ def check_torch() -> Check:
     detail = f"torch {torch.__version__} ({build})"
     locked = _locked_version("torch")
     if locked is not None and _torch_base_version() != locked:
-        lock = _project_root() / "requirements" / "lock.txt"
+        # A CUDA build is replaced by the CUDA lock's torch, so the GPU stack comes back pinned too.
+        lock = (cuda is not None and _cuda_lock_file()) or _project_root() / "requirements" / "lock.txt"
         return Check("torch", "warn", f"{detail}; requirements/lock.txt pins torch=={locked}",
                      f"reinstall the locked environment: {sys.executable} -m pip install -r {lock}")
     return Check("torch", "ok", detail)
