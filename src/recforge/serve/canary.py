@@ -1,0 +1,76 @@
+"""Canary health: error rate and p99 latency over a sliding time window, and the breach decision.
+
+Kept free of HTTP and of the registry: the server feeds observations in and asks `breach()`; what
+to do about a breach (roll the alias back, stop routing) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CanaryThresholds:
+    window_s: float
+    min_requests: int
+    max_error_rate: float
+    max_p99_ms: float
+
+
+@dataclass(frozen=True)
+class CanaryStats:
+    requests: int
+    errors: int
+    error_rate: float
+    p99_ms: float
+
+
+class CanaryMonitor:
+    """Observations of one canary version; thread-safe (model threads and the event loop both report)."""
+
+    def __init__(self, thresholds: CanaryThresholds, clock: Callable[[], float] = time.monotonic) -> None:
+        self.thresholds = thresholds
+        self._clock = clock
+        self._obs: deque[tuple[float, bool, float]] = deque()
+        self._lock = threading.Lock()
+
+    def observe(self, ok: bool, latency_s: float) -> None:
+        now = self._clock()
+        with self._lock:
+            self._obs.append((now, ok, latency_s))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.thresholds.window_s
+        while self._obs and self._obs[0][0] < horizon:
+            self._obs.popleft()
+
+    def stats(self) -> CanaryStats:
+        with self._lock:
+            self._trim(self._clock())
+            obs = list(self._obs)
+        if not obs:
+            return CanaryStats(0, 0, 0.0, 0.0)
+        errors = sum(1 for _, ok, _ in obs if not ok)
+        p99 = float(np.percentile(np.array([lat for _, _, lat in obs]), 99)) * 1000.0
+        return CanaryStats(len(obs), errors, errors / len(obs), p99)
+
+    def breach(self) -> str | None:
+        """Why the canary must go (a sentence for the registry history), or None while it is healthy."""
+        s = self.stats()
+        t = self.thresholds
+        if s.requests < t.min_requests:
+            return None
+        if s.error_rate > t.max_error_rate:
+            return (f"canary error rate {s.error_rate:.1%} ({s.errors}/{s.requests} requests in {t.window_s:g}s) "
+                    f"exceeds {t.max_error_rate:.1%}")
+        if s.p99_ms > t.max_p99_ms:
+            return (f"canary p99 latency {s.p99_ms:.1f} ms over {s.requests} requests in {t.window_s:g}s exceeds "
+                    f"{t.max_p99_ms:g} ms")
+        return None

@@ -1,0 +1,249 @@
+"""Durable impression/click events, and their export into the event-log schema training reads.
+
+Events land in SQLite in WAL mode with synchronous=FULL: a batch is one transaction, and the HTTP
+200 goes out only after its commit reached the disk, so an accepted event survives kill -9 and a
+power cut. SQLite (not a hand-rolled log) because the export needs a join (an impression's label is
+whether a click with the same request and item arrived) and that join is one indexed query.
+
+Ids keep their JSON type: they are stored as JSON text and come back as int or str.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recforge.storage import atomic_open, write_json
+
+DB_FILE = "events.sqlite"
+EXPORT_REPORT = "_export.json"
+# Columns every exported row has; a context key with one of these names is not exported (it would clash).
+BASE_COLUMNS = ("user_id", "item_id", "timestamp", "position", "label", "request_id", "assignments", "model_version")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    timestamp REAL NOT NULL,
+    context TEXT NOT NULL,
+    assignments TEXT NOT NULL,
+    model_version TEXT,
+    item_features TEXT NOT NULL,
+    received REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_join ON events (request_id, item_id, type);
+CREATE INDEX IF NOT EXISTS events_time ON events (type, timestamp);
+"""
+
+
+class StoredEvent(NamedTuple):
+    """One event as stored: ids and dicts already JSON-encoded by `encode_event`."""
+
+    type: str
+    request_id: str
+    user_id: str
+    item_id: str
+    position: int
+    timestamp: float
+    context: str
+    assignments: str
+    model_version: str | None
+    item_features: str
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def encode_event(type_: str, request_id: str, user_id: int | str, item_id: int | str, position: int,
+                 timestamp: float, context: dict[str, Any] | None, assignments: dict[str, str] | None,
+                 model_version: str | None, item_features: dict[str, Any] | None) -> StoredEvent:
+    return StoredEvent(type_, request_id, _dumps(user_id), _dumps(item_id), int(position), float(timestamp),
+                       _dumps(context or {}), _dumps(assignments or {}), model_version, _dumps(item_features or {}))
+
+
+class EventStore:
+    """Append-only event storage in `directory`; safe to share between threads."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / DB_FILE
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OSError(f"{self.path}: SQLite refused WAL mode (got {mode}); put events_dir on a local disk")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def append(self, events: Sequence[StoredEvent]) -> int:
+        """Store a batch atomically and durably (all or nothing); returns how many were stored."""
+        received = time.time()
+        rows = [(*event, received) for event in events]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO events (type, request_id, user_id, item_id, position, timestamp, context, "
+                    "assignments, model_version, item_features, received) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def recent(self, limit: int) -> list[tuple[str, Any, Any]]:
+        """The last `limit` events as (type, user_id, item_id), oldest first: to rebuild per-user memory."""
+        with self._lock:
+            rows = self._db.execute("SELECT type, user_id, item_id FROM events ORDER BY id DESC LIMIT ?",
+                                    (int(limit),)).fetchall()
+        return [(t, json.loads(u), json.loads(i)) for t, u, i in reversed(rows)]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _parse_day(value: str | date | None, name: str) -> date | None:
+    if value is None or isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"--{name} {value!r} is not a date; use YYYY-MM-DD (UTC)") from None
+
+
+def _day_start(day: date) -> float:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+
+
+def _arrow_column(values: list[Any]) -> pa.Array:
+    """Ints stay int64, numbers with a fraction become float64, anything else (or a mix) is text."""
+    present = [v for v in values if v is not None]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pa.array(values, type=pa.int64())
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return pa.array([None if v is None else float(v) for v in values], type=pa.float64())
+    return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    events_total: int
+    impressions: int
+    clicks: int
+    exported_rows: int
+    duplicate_impressions: int
+    days: dict[str, int]
+    files: list[str]
+
+
+_EXPORT_QUERY = """
+SELECT i.user_id, i.item_id, i.timestamp, i.position, i.context, i.item_features, i.request_id, i.assignments,
+       i.model_version,
+       EXISTS (SELECT 1 FROM events c WHERE c.request_id = i.request_id AND c.item_id = i.item_id
+               AND c.type = 'click') AS label
+FROM events i
+WHERE i.type = 'impression' AND i.timestamp >= ? AND i.timestamp < ?
+  AND i.id = (SELECT MIN(d.id) FROM events d WHERE d.request_id = i.request_id AND d.item_id = i.item_id
+              AND d.type = 'impression')
+ORDER BY i.timestamp, i.id
+"""
+
+
+def _rows_to_table(rows: Iterable[tuple[Any, ...]]) -> pa.Table:
+    cols: dict[str, list[Any]] = {name: [] for name in BASE_COLUMNS}
+    extra: dict[str, list[Any]] = {}
+    for n, (user, item, ts, position, context, features, request_id, assignments, version, label) in enumerate(
+            rows, start=1):
+        side = {**{k: v for k, v in json.loads(context).items() if k not in BASE_COLUMNS}, **json.loads(features)}
+        for key, value in side.items():
+            extra.setdefault(key, [None] * (n - 1)).append(value)
+        for column in extra.values():
+            if len(column) < n:
+                column.append(None)
+        cols["user_id"].append(json.loads(user))
+        cols["item_id"].append(json.loads(item))
+        cols["timestamp"].append(int(ts))
+        cols["position"].append(int(position))
+        cols["label"].append(int(label))
+        cols["request_id"].append(request_id)
+        cols["assignments"].append(assignments)
+        cols["model_version"].append(version)
+    arrays = {"user_id": _arrow_column(cols["user_id"]), "item_id": _arrow_column(cols["item_id"]),
+              "timestamp": pa.array(cols["timestamp"], pa.int64())}
+    arrays.update({key: _arrow_column(values) for key, values in sorted(extra.items())})
+    arrays.update({"position": pa.array(cols["position"], pa.int64()), "label": pa.array(cols["label"], pa.int64()),
+                   "request_id": pa.array(cols["request_id"], pa.string()),
+                   "assignments": pa.array(cols["assignments"], pa.string()),
+                   "model_version": pa.array(cols["model_version"], pa.string())})
+    return pa.table(arrays)
+
+
+def export_report(events_dir: str | Path, out_dir: str | Path, since: str | date | None = None,
+                  until: str | date | None = None) -> ExportReport:
+    """Write one parquet file per UTC day of impressions (labelled by matching clicks) under `out_dir`.
+
+    `since`/`until` are inclusive UTC dates; a day's file is always rewritten whole from every
+    impression of that day (atomically), so re-running never duplicates rows. Repeated impressions
+    of the same (request_id, item_id) are exported once.
+    """
+    db_path = Path(events_dir) / DB_FILE
+    if not db_path.is_file():
+        raise FileNotFoundError(f"no event store at {db_path}; pass the --events-dir the server wrote to")
+    first, last = _parse_day(since, "since"), _parse_day(until, "until")
+    out = Path(out_dir)
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        totals = dict(db.execute("SELECT type, COUNT(*) FROM events GROUP BY type").fetchall())
+        bounds = db.execute("SELECT MIN(timestamp), MAX(timestamp) FROM events WHERE type='impression'").fetchone()
+        files: list[str] = []
+        days: dict[str, int] = {}
+        if bounds[0] is not None:
+            day = max(first or date.min, datetime.fromtimestamp(bounds[0], UTC).date())
+            end = min(last or date.max, datetime.fromtimestamp(bounds[1], UTC).date())
+            while day <= end:
+                rows = db.execute(_EXPORT_QUERY, (_day_start(day), _day_start(day + timedelta(days=1)))).fetchall()
+                if rows:
+                    target = out / f"{day.isoformat()}.parquet"
+                    with atomic_open(target, "wb") as handle:
+                        pq.write_table(_rows_to_table(rows), handle)
+                    files.append(str(target))
+                    days[day.isoformat()] = len(rows)
+                day += timedelta(days=1)
+    finally:
+        db.close()
+    impressions = int(totals.get("impression", 0))
+    exported = sum(days.values())
+    in_range = impressions if first is None and last is None else exported
+    report = ExportReport(events_total=sum(int(v) for v in totals.values()), impressions=impressions,
+                          clicks=int(totals.get("click", 0)), exported_rows=exported,
+                          duplicate_impressions=max(0, in_range - exported), days=days, files=files)
+    if files:
+        write_json(out / EXPORT_REPORT, report.__dict__)
+    return report
+
+
+def export_log(events_dir: str | Path, out_dir: str | Path, since: str | date | None = None,
+               until: str | date | None = None) -> list[Path]:
+    """`export_report` for callers that only need the files written."""
+    return [Path(p) for p in export_report(events_dir, out_dir, since, until).files]

@@ -1,0 +1,85 @@
+"""Server settings: read once at startup (defaults < RECFORGE_SERVE_* environment < command-line flags).
+
+Everything the server can be tuned with lives here, typed and frozen, so a route never reads the
+environment and a test can build a server from one explicit object.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "RECFORGE_SERVE_"
+ADMIN_TOKEN_ENV = "RECFORGE_ADMIN_TOKEN"
+
+
+class ServeSettings(BaseModel):
+    """How one server process loads, routes, limits and watches its models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    registry: str = Field(..., description="Registry root the models are resolved from.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    retrieval_model: str = "retrieval"
+    ranker_model: str = "ranker"
+    alias: str = "production"
+    experiments: Path | None = None
+    events_dir: Path = Path("serve-events")
+    # Retrieval candidates handed to the ranker per request.
+    num_candidates: int = Field(200, ge=1, le=10_000)
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1, le=1000)
+    max_item_ids: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Model calls run in this many threads (FAISS and torch release the GIL); each uses one core.
+    model_threads: int = Field(2, ge=1, le=64)
+    # Requests queued while a model call runs are merged into the next call, up to this many.
+    max_batch: int = Field(64, ge=1, le=4096)
+    # Follow registry aliases: re-resolve them every this many seconds (0 = only on POST /admin/reload).
+    poll_interval_s: float = Field(10.0, ge=0.0)
+    canary_share: float = Field(0.1, ge=0.0, le=1.0)
+    canary_window_s: float = Field(60.0, gt=0.0)
+    canary_min_requests: int = Field(20, ge=1)
+    canary_max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    canary_max_p99_ms: float = Field(500.0, gt=0.0)
+    # Items remembered per user (from accepted events) for exclude_seen and histories, and how many users.
+    seen_per_user: int = Field(200, ge=0)
+    seen_users: int = Field(100_000, ge=0)
+    log_level: str = "info"
+    admin_token: str | None = Field(None, repr=False, description=f"From the {ADMIN_TOKEN_ENV} environment variable.")
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+             ) -> ServeSettings:
+        """Defaults, then RECFORGE_SERVE_<FIELD> variables, then `overrides` whose value is not None.
+
+        Unknown RECFORGE_SERVE_* variables are errors (a typo must not be silently ignored).
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        fields = set(cls.model_fields) - {"admin_token"}
+        unknown = []
+        for key, value in env.items():
+            if key.startswith(ENV_PREFIX):
+                name = key[len(ENV_PREFIX):].lower()
+                if name in fields:
+                    values[name] = value
+                else:
+                    unknown.append(key)
+        if unknown:
+            raise ValueError(f"unknown serve setting(s) in the environment: {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(ENV_PREFIX + f.upper() for f in sorted(fields))}")
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        token = env.get(ADMIN_TOKEN_ENV)
+        if token:
+            values["admin_token"] = token
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"invalid serve settings: {problems}") from None
