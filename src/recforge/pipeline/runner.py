@@ -1,0 +1,156 @@
+"""`recforge pipeline run`: the steps in order, each done at most once per cycle, all recorded.
+
+A whole run: ingest (open or resume a cycle; none -> "no_new_data"), then every cycle step whose
+done-marker is missing, then promote (which needs no new data: a canary matures on its own).
+A single step (`--step NAME`, what each Airflow task runs) does just that step of the open cycle.
+The cycle closes (the watermark moves) when the gate refuses or once the canary is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from recforge.pipeline import ingest
+from recforge.pipeline.cycle import Cycle, Log, crash_point
+from recforge.pipeline.runlog import RunLog, read_marker, write_marker
+from recforge.pipeline.settings import PipelineConfig
+
+CYCLE_STEPS = ("prepare", "train", "export", "evaluate", "gate", "publish", "canary")
+STEPS = ("ingest", *CYCLE_STEPS, "promote")
+_AFTER_PASS = ("publish", "canary")
+
+
+def _step_function(name: str) -> Callable[..., dict[str, Any]]:
+    # Imported on first use: the steps pull in torch and the trainer, which a run with no new
+    # data, an ingest or a reused marker never needs.
+    from recforge.pipeline import steps
+
+    return getattr(steps, name)
+
+
+def _gate_decision(cycle: Cycle) -> str | None:
+    marker = read_marker(cycle.dir, "gate")
+    return None if marker is None else str(marker["decision"])
+
+
+def _run_cycle_step(name: str, cycle: Cycle, runlog: RunLog) -> dict[str, Any]:
+    """Run one step unless its marker says it is done; close the cycle where it ends."""
+    previous = list(CYCLE_STEPS)[: list(CYCLE_STEPS).index(name)]
+    missing = [p for p in previous if read_marker(cycle.dir, p) is None and not (
+        p in _AFTER_PASS and _gate_decision(cycle) == "refuse")]
+    if missing:
+        raise RuntimeError(f"cycle {cycle.id}: step '{name}' needs step '{missing[0]}' first "
+                           f"(run `recforge pipeline run --step {missing[0]}`)")
+    done = read_marker(cycle.dir, name)
+    if done is not None:
+        runlog.event(name, "reused", cycle=cycle.id, outputs=done)
+        cycle.log(f"{name}: already done in cycle {cycle.id} (finished {done.get('finished')})")
+        outputs = done
+    elif name in _AFTER_PASS and _gate_decision(cycle) != "pass":
+        outputs = {"skipped": "the gate refused the challenger"}
+        runlog.event(name, "skipped", cycle=cycle.id, reason=outputs["skipped"])
+        cycle.log(f"{name}: skipped, {outputs['skipped']}")
+        return outputs
+    else:
+        runlog.event(name, "started", cycle=cycle.id)
+        cycle.log(f"{name}: cycle {cycle.id}")
+        try:
+            outputs = _step_function(name)(cycle)
+        except Exception as exc:
+            runlog.event(name, "failed", cycle=cycle.id, error=f"{type(exc).__name__}: {exc}",
+                         traceback=traceback.format_exc(limit=5))
+            raise
+        write_marker(cycle.dir, name, outputs)
+        runlog.event(name, "done", cycle=cycle.id, outputs=outputs)
+        crash_point(f"{name}:after-marker")
+    decision = _gate_decision(cycle)
+    if (name == "gate" and decision == "refuse") or name == "canary":
+        ingest.close_cycle(cycle.cfg.state, cycle.record, "refuse" if name == "gate" else "canary")
+        runlog.event("close", "done", cycle=cycle.id, decision=decision)
+        why = "; ".join((read_marker(cycle.dir, "gate") or {}).get("reasons", []))
+        cycle.log(f"cycle {cycle.id} closed: " + (f"gate refused: {why}" if name == "gate" else "canary set"))
+    return outputs
+
+
+def _ingest(cfg: PipelineConfig, runlog: RunLog, log: Log) -> Cycle | None:
+    record = ingest.open_cycle(cfg.events_dir, cfg.state, cfg.window_days)
+    if record is None:
+        runlog.event("ingest", "no_new_data", reason="no partitions newer than the watermark",
+                     watermark=ingest.read_watermark(cfg.state).get("last_day"))
+        log("no new event partitions since the last cycle: nothing to train")
+        return None
+    runlog.event("ingest", "resumed" if record["resumed"] else "done", cycle=record["cycle"], new=record["new"],
+                 window=record["window"])
+    log(f"cycle {record['cycle']}: {'resumed' if record['resumed'] else 'opened'} with {len(record['new'])} new "
+        f"partition(s), training on {len(record['window'])}")
+    return Cycle(cfg, record, log)
+
+
+def _summary(cycle: Cycle | None, promoted: dict[str, Any] | None) -> dict[str, Any]:
+    if cycle is None:
+        return {"decision": "no_new_data", "reason": "no new event partitions since the watermark",
+                "promote": promoted}
+    gate = read_marker(cycle.dir, "gate") or {}
+    published = read_marker(cycle.dir, "publish") or {}
+    return {"decision": gate.get("decision", "incomplete"), "cycle": cycle.id, "gate": gate.get("summary"),
+            "reasons": gate.get("reasons", []), "paired_test": gate.get("paired_test"),
+            "no_champion": gate.get("no_champion"), "champion_version": gate.get("champion_version"),
+            "version": published.get("version"), "canary": (read_marker(cycle.dir, "canary") or {}).get("version"),
+            "promote": promoted}
+
+
+@contextlib.contextmanager
+def _exclusive(state: Path) -> Iterator[None]:
+    """One pipeline run per state dir at a time; the OS drops the lock when a killed run dies."""
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another `recforge pipeline run` is using {state}; wait for it to finish") from None
+        yield
+
+
+def run(cfg: PipelineConfig, step: str | None = None, log: Log = print) -> dict[str, Any]:
+    """Run the whole pipeline (step None) or one step; returns the summary also written to the run log."""
+    if step is not None and step not in STEPS:
+        raise ValueError(f"unknown pipeline step {step!r}; choose one of {', '.join(STEPS)}")
+    with _exclusive(cfg.state):
+        return _run_locked(cfg, step, log)
+
+
+def _run_locked(cfg: PipelineConfig, step: str | None, log: Log) -> dict[str, Any]:
+    runlog = RunLog(cfg.state, step)
+    try:
+        if step is None:
+            cycle = _ingest(cfg, runlog, log)
+            if cycle is not None:
+                for name in CYCLE_STEPS:
+                    _run_cycle_step(name, cycle, runlog)
+            promoted = _step_function("promote")(cfg)
+            runlog.event("promote", promoted["status"], outputs=promoted)
+            log(f"promote: {promoted['status']}: {promoted.get('reason', '')}")
+            return runlog.finish(_summary(cycle, promoted))
+        if step == "promote":
+            promoted = _step_function("promote")(cfg)
+            runlog.event("promote", promoted["status"], outputs=promoted)
+            return runlog.finish({"step": step, "decision": promoted["status"], **promoted})
+        if step == "ingest":
+            cycle = _ingest(cfg, runlog, log)
+            return runlog.finish({"step": step, **_summary(cycle, None)})
+        record = ingest.current_cycle(cfg.state)
+        if record is None:
+            runlog.event(step, "skipped", reason="no open cycle (no new data, or it was closed)")
+            return runlog.finish({"step": step, "decision": "no_new_data",
+                                  "reason": "no open cycle: no new data since the watermark, or the cycle closed"})
+        cycle = Cycle(cfg, record, log)
+        outputs = _run_cycle_step(step, cycle, runlog)
+        return runlog.finish({"step": step, "outputs": outputs, **_summary(cycle, None)})
+    except Exception as exc:
+        runlog.finish({"decision": "failed", "step": step, "error": f"{type(exc).__name__}: {exc}"})
+        raise
