@@ -8,7 +8,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${AIRFLOW_VENV:-$ROOT/.venv-airflow}"
 RECFORGE="$ROOT/.venv/bin/recforge"
-[ -x "$RECFORGE" ] || { echo "error: $RECFORGE not found; build the project venv first (make venv)" >&2; exit 1; }
+[ -x "$RECFORGE" ] || { echo "error: $RECFORGE not found; build the project venv first (make quickstart or make test)" >&2; exit 1; }
 
 started=$(date +%s)
 if [ ! -x "$VENV/bin/airflow" ]; then
