@@ -34,3 +34,26 @@ def test_written_files_get_normal_permissions(tmp_path):
     assert mode & stat.S_IRUSR and mode & stat.S_IRGRP  # not mkstemp's private 0600
     assert storage.sha256_file(tmp_path / "x.txt") == "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
 
+
+
+def test_local_dir_round_trip_is_verified_and_atomic(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("a")
+    (src / "sub" / "b.bin").write_bytes(b"\x00" * 100)
+    storage.put_dir(src, f"file://{tmp_path / 'dst'}", extra={"meta.json": b"{}"})
+    marker = storage.read_json(tmp_path / "dst" / storage.COMMIT_MARKER)
+    assert sorted(marker["files"]) == ["a.txt", "meta.json", "sub/b.bin"]
+    out = storage.get_dir(tmp_path / "dst", tmp_path / "copy")
+    assert (out / "sub" / "b.bin").read_bytes() == b"\x00" * 100 and (out / "meta.json").read_text() == "{}"
+    (tmp_path / "dst" / "a.txt").write_text("changed")
+    with pytest.raises(storage.StorageError, match="a.txt does not match its sha256"):
+        storage.get_dir(tmp_path / "dst", tmp_path / "copy2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "dst", "src"]  # no temp left behind
+
+
+def test_uris_name_local_or_remote_places():
+    assert storage.is_remote("s3://bucket/x") and storage.is_remote("S3://b")
+    assert not storage.is_remote("/tmp/x") and not storage.is_remote("file:///tmp/x")
+    assert storage.join("s3://bucket/runs/", "a", "b/") == "s3://bucket/runs/a/b"
+    assert str(storage.join("file:///tmp/r", "a")) == "/tmp/r/a"

@@ -128,15 +128,28 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
     nproc_per_node: Annotated[int, typer.Option(
         "--nproc-per-node", help="Processes (DDP ranks) on this machine, launched with torchrun.")] = 1,
+    mirror_to: Annotated[str | None, typer.Option(
+        "--mirror-to", help="Upload every checkpoint to this URI (s3://bucket/runs/NAME); = train.mirror_to.")] = None,
+    resume_from: Annotated[str | None, typer.Option(
+        "--resume-from", help="Restore the newest checkpoint mirrored at this URI into the (empty) run "
+        "directory and continue from it.")] = None,
 ) -> None:
     """Train the configured model on the prepared dataset."""
     from recforge import jobs
 
+    if resume and resume_from:
+        _fail(ValueError("give --resume (continue the local run) or --resume-from URI (restore it), not both"))
+    if mirror_to:
+        overrides = [*(overrides or []), f"train.mirror_to={mirror_to}"]
     cfg = _run(_load, config, overrides)
     if nproc_per_node > 1:
+        if resume_from:  # restored once here, then every rank resumes from the local copy
+            restored = _run(jobs.restore_run, cfg, resume_from, _log)
+            overrides = [*(overrides or []), f"train.mirror_to={restored.train.mirror_to}"]
+            resume = True
         _launch_torchrun(nproc_per_node, config, overrides, resume, cfg.resolved_run_dir)
         return
-    result = _run(jobs.train_model, cfg, resume=resume, log=_log)
+    result = _run(jobs.train_model, cfg, resume=resume, resume_from=resume_from, log=_log)
     state = result.state
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
         print(json.dumps({"run_dir": str(result.run_dir), "finished": state.finished,
@@ -352,48 +365,37 @@ def plan_cmd(
 @app.command("export")
 def export_cmd(
     run: Annotated[Path, typer.Option("--run", help="Trained run directory (as `recforge train` writes it).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist).")],
-    parity_rows: Annotated[int, typer.Option(help="Held-out rows the scripted model is checked on.")] = 2048,
+    out_uri: Annotated[str, typer.Option("--out", help="Bundle directory or URI (s3://...); must not exist.")],
+    fmt: Annotated[str, typer.Option("--format", help="torchscript, or onnx (TorchScript plus ONNX graphs checked "
+                                                      "with onnxruntime).")] = "torchscript",
+    parity_rows: Annotated[int, typer.Option(help="Held-out rows the exported model is checked on.")] = 2048,
 ) -> None:
-    """Export a trained run as a self-contained TorchScript bundle with a checksummed manifest."""
-    import torch
+    """Export a trained run as a self-contained bundle (TorchScript, optionally ONNX) with a checksummed manifest."""
+    from recforge import jobs
 
-    from recforge import bundle, jobs
-    from recforge.data.batches import SplitData
-    from recforge.storage import read_json
-
-    def export() -> Path:
-        # Composition lives here, not in the bundle module, so serving never imports the training side.
-        run_cfg = jobs.load_run_config(run)
-        model = jobs.load_trained_model(run)
-        prepared = run_cfg.resolved_prepared_dir
-        held_out = SplitData.load(prepared, "test")
-        if len(held_out) == 0:
-            held_out = SplitData.load(prepared, "valid")
-        rows = held_out.batch(torch.arange(min(parity_rows, len(held_out))))
-        retrieval = run_cfg.model.name == "two_tower"
-        evaluation = run / "evaluation_test.json"
-        return bundle.write_bundle(
-            model, out_dir, model_name=run_cfg.model.name, features=read_json(run / "features.json"),
-            vocab_dir=prepared / "vocab", config=run_cfg.to_dict(),
-            metrics=read_json(evaluation) if evaluation.is_file() else {},
-            data_fingerprint=bundle.data_fingerprint(read_json(prepared / "meta.json")),
-            parity_inputs=(rows.categorical, rows.numeric, rows.history_values, rows.history_offsets),
-            item_index_dir=run / "index" if retrieval else None,
-            item_features=jobs.item_catalog(prepared, jobs.feature_spec(prepared)).numpy() if retrieval else None,
-        )
-
-    path = _run(export)
-    manifest = _run(bundle.read_manifest, path)
-    print(json.dumps({"bundle": str(path), "kind": manifest["kind"], "model_name": manifest["model_name"],
+    if fmt not in ("torchscript", "onnx"):
+        _fail(ValueError(f"--format must be torchscript or onnx, got {fmt!r}"))
+    formats = ("torchscript", "onnx") if fmt == "onnx" else ("torchscript",)
+    location = _run(jobs.export_run, run, out_uri, formats=formats, parity_rows=parity_rows)
+    manifest = _run(_read_bundle_manifest, location)
+    print(json.dumps({"bundle": str(location), "kind": manifest["kind"], "model_name": manifest["model_name"],
                       "schema_version": manifest["schema_version"], "files": len(manifest["files"]),
-                      "parity_max_abs_diff": manifest["parity_max_abs_diff"]}))
+                      "formats": manifest["formats"], "parity_max_abs_diff": manifest["parity_max_abs_diff"],
+                      "onnx_parity_max_abs_diff": (manifest["onnx"] or {}).get("parity_max_abs_diff")}))
+
+
+def _read_bundle_manifest(location: Path | str) -> dict:
+    from recforge import bundle, storage
+
+    if isinstance(location, Path):
+        return bundle.read_manifest(location)
+    return json.loads(storage.get_bytes(storage.join(location, bundle.MANIFEST)))
 
 
 registry_app = typer.Typer(no_args_is_help=True, help="Versioned models: publish bundles, move aliases, roll back.")
 app.add_typer(registry_app, name="registry")
-RegistryOpt = Annotated[Path, typer.Option("--registry", "-r", envvar="RECFORGE_REGISTRY",
-                                           help="Registry root directory.")]
+RegistryOpt = Annotated[str, typer.Option("--registry", "-r", envvar="RECFORGE_REGISTRY",
+                                          help="Registry root: a directory or s3://bucket/prefix.")]
 ModelArg = Annotated[str, typer.Argument(help="Model name in the registry.")]
 AliasOpt = Annotated[str, typer.Option("--alias", help="Alias to move.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why; recorded in the history.")]
@@ -448,7 +450,8 @@ def registry_show(model: ModelArg, registry: RegistryOpt,
 
 @registry_app.command("publish")
 def registry_publish(model: ModelArg,
-                     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory (from `recforge export`).")],
+                     bundle_dir: Annotated[str, typer.Argument(help="Bundle directory or s3:// URI (from "
+                                                               "`recforge export`).")],
                      registry: RegistryOpt,
                      note: Annotated[str, typer.Option("--note", help="Free text kept with the version.")] = "",
                      ) -> None:
@@ -457,7 +460,7 @@ def registry_publish(model: ModelArg,
 
     number = _run(reg.publish, registry, bundle_dir, model, note)
     _log(f"published {bundle_dir} as {model} version {number}")
-    print(json.dumps({"model": model, "version": number, "path": str(_run(reg.resolve, registry, model, number))}))
+    print(json.dumps({"model": model, "version": number, "path": _run(reg.location, registry, model, number)}))
 
 
 @registry_app.command("promote")
@@ -503,6 +506,239 @@ def registry_diff(model: ModelArg, a: Annotated[str, typer.Argument(help="Versio
     for key, (x, y) in result["config"].items():
         table.add_row("config", key, json.dumps(x), json.dumps(y))
     out.print(table)
+
+
+ab_app = typer.Typer(no_args_is_help=True, help="A/B analysis of the served impression/click log.")
+app.add_typer(ab_app, name="ab")
+
+
+@ab_app.command("report")
+def ab_report_cmd(
+    events: Annotated[str, typer.Option("--events", help="Impression log: parquet directory (recursive) or file.")],
+    experiment: Annotated[str, typer.Option("--experiment", help="Experiment name in the assignments JSON.")],
+    control: Annotated[str, typer.Option("--control", help="Control variant.")] = "control",
+    alpha: Annotated[float, typer.Option("--alpha", help="Two-sided significance level.")] = 0.05,
+    power: Annotated[float, typer.Option("--power", help="Power for the minimum detectable effect.")] = 0.8,
+    weights: Annotated[str | None, typer.Option(
+        "--weights", help="Intended split for the SRM check, e.g. control=50,treatment=50 (default equal).")] = None,
+    cuped: Annotated[bool, typer.Option("--cuped", help="Reduce variance with pre-period clicks/impressions.")] = False,
+    pre_period_end: Annotated[int | None, typer.Option(
+        "--pre-period-end", help="Unix seconds: earlier events are the CUPED pre-period, later ones analysed.")] = None,
+    pre_events: Annotated[str | None, typer.Option("--pre-events", help="Separate pre-period log for CUPED.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of CTRs and lifts with CIs.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """SRM check, per-variant CTR, lifts with delta-method CIs (optionally CUPED), Holm, MDE."""
+    from recforge.experiments import report as ab
+
+    result = _run(ab.ab_report, events, experiment, control=control, alpha=alpha, weights=weights, cuped=cuped,
+                  pre_period_end=pre_period_end, pre_events_uri=pre_events, power=power)
+    if plot is not None:
+        from recforge.experiments.plot import plot_report
+
+        _run(plot_report, result, plot)
+        _log(f"plot: {plot}")
+    if as_json:
+        for warning in result["warnings"]:  # stdout stays one JSON object; a broken split still gets seen
+            err.print(f"[bold red]warning:[/] {warning}", highlight=False)
+        print(json.dumps(result))
+        return
+    _print_ab(result)
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}%"
+
+
+def _fmt_lift(value: float | None, ci: list[float | None], pct: bool) -> str:
+    """Point estimate over its CI, stacked so the lift table fits an 80-column terminal."""
+    if value is None or ci[0] is None or ci[1] is None:
+        return "-"
+    if pct:
+        return f"{_fmt_pct(value)}\n[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]%"
+    return f"{value:+.3g}\n[{ci[0]:+.3g}, {ci[1]:+.3g}]"
+
+
+_AB_METRIC_NAMES = {"ctr": "CTR", "clicks_per_user": "clicks/user", "impressions_per_user": "imps/user"}
+
+
+def _print_ab(result: dict) -> None:
+    srm = result["srm"]
+    if srm["flagged"]:
+        out.print(f"[bold white on red] SAMPLE RATIO MISMATCH [/] users {srm['observed']} vs expected "
+                  f"{ {k: round(v) for k, v in srm['expected'].items()} } (chi2 {srm['chi2']:.1f}, "
+                  f"p {srm['p_value']:.2g}): assignment or logging is broken; do not trust the lifts below")
+    ci_name = f"{1 - result['alpha']:.0%} CI"
+    variants = Table(title=f"experiment {result['experiment']}, control {result['control']!r}: SRM chi2 "
+                           f"{srm['chi2']:.2f}, p {srm['p_value']:.3g} ({'FLAGGED' if srm['flagged'] else 'ok'})")
+    for column in ("variant", "users", "impressions", "clicks", "CTR", f"CTR {ci_name}"):
+        variants.add_column(column, justify="left" if column == "variant" else "right")
+    for name, v in result["variants"].items():
+        variants.add_row(name, f"{v['users']:,}", f"{v['impressions']:,}", f"{v['clicks']:,}", f"{v['ctr']:.4f}",
+                         f"[{v['ctr_ci'][0]:.4f}, {v['ctr_ci'][1]:.4f}]")
+    out.print(variants)
+    cuped = result["cuped"]
+    lifts = Table(title="lifts vs control" + (" (CUPED-adjusted)" if cuped["enabled"] else "")
+                  + f"; Holm across {len(result['comparisons'])} comparisons")
+    for column in ("metric", "variant", "C\nT", f"abs lift\n{ci_name}", f"rel lift\n{ci_name}", "p\nHolm p", "sig",
+                   "MDE\nrel"):
+        lifts.add_column(column, justify="left" if column in ("metric", "variant") else "right")
+    for c in result["comparisons"]:
+        mde = result["mde"][c["metric"]][c["treatment"]]
+        lifts.add_row(_AB_METRIC_NAMES.get(c["metric"], c["metric"]), c["treatment"],
+                      f"{c['control_value']:.4g}\n{c['treatment_value']:.4g}",
+                      _fmt_lift(c["abs_lift"], c["abs_ci"], False), _fmt_lift(c["rel_lift"], c["rel_ci"], True),
+                      f"{c['p_value']:.3g}\n{c['p_holm']:.3g}", "[bold green]yes" if c["significant"] else "no",
+                      "-" if mde["rel"] is None else f"{100 * mde['rel']:.2f}%")
+    out.print(lifts)
+    if cuped["enabled"]:
+        reductions = ", ".join(f"{m} {100 * info['variance_reduction']:.1f}%" for m, info in cuped["metrics"].items())
+        out.print(f"CUPED ({', '.join(cuped['covariates'])}; {cuped['pre_period']}; "
+                  f"{cuped['users_with_pre_period']:,} users with history): variance reduction {reductions}")
+    out.print(f"C/T: control/treatment value. MDE rel: smallest relative lift detected at alpha {result['alpha']} "
+              f"with {result['power']:.0%} power for this traffic.\nmethod: {result['method']}")
+    for warning in result["warnings"]:
+        out.print(f"[bold red]warning:[/] {warning}", highlight=False)
+
+
+pipeline_app = typer.Typer(no_args_is_help=True, help="Continuous training: new data -> gate -> canary -> production.")
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (see configs/pipeline/).")],
+    overrides: Overrides = None,
+    step: Annotated[str | None, typer.Option(
+        "--step", help="Run only this step of the open cycle: ingest, prepare, train, export, evaluate, gate, "
+                       "publish, canary or promote.")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json-out", help="Also write the result JSON here (e.g. /airflow/xcom/return.json).")] = None,
+) -> None:
+    """Ingest new partitions, train a challenger, gate it against the champion, publish, canary, promote."""
+    from recforge import pipeline
+    from recforge.storage import write_json
+
+    cfg = _run(pipeline.load_pipeline, config, overrides)
+    summary = _run(pipeline.run, cfg, step, _log)
+    if json_out is not None:
+        _run(write_json, json_out, summary)
+    print(json.dumps(summary, default=str))
+
+
+@registry_app.command("history")
+def registry_history(model: ModelArg, registry: RegistryOpt, as_json: JsonOpt = False) -> None:
+    """Every alias move of a model, oldest first: when, which alias, from, to, who and why."""
+    from recforge import registry as reg
+
+    records = _run(reg.history, registry, model)
+    if as_json:
+        print(json.dumps(records))
+        return
+    table = Table(title=f"{model}: alias history")
+    for column in ("time", "action", "alias", "from", "to", "user", "reason"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(str(r.get("time", "")), str(r.get("action", "")), str(r.get("alias", "")),
+                      "-" if r.get("from") is None else str(r["from"]), "-" if r.get("to") is None else str(r["to"]),
+                      str(r.get("user", "")), str(r.get("reason", "")))
+    out.print(table)
+
+
+@registry_app.command("gc")
+def registry_gc(model: ModelArg, registry: RegistryOpt,
+                older_than: Annotated[float, typer.Option("--older-than", help="Seconds since the slot was "
+                                                          "claimed.")] = 3600.0) -> None:
+    """Remove version slots whose upload never committed (a crashed publisher's); they are already hidden."""
+    from recforge import registry as reg
+
+    removed = _run(reg.gc, registry, model, older_than)
+    _log(f"{model}: removed {len(removed)} uncommitted slot(s)")
+    print(json.dumps({"model": model, "removed": removed}))
+
+
+@app.command("serve")
+def serve_cmd(
+    registry: Annotated[str | None, typer.Option("--registry", "-r", envvar="RECFORGE_REGISTRY",
+                                                 help="Registry root (path or URI).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    retrieval_model: Annotated[str | None, typer.Option(help="Registry name of the retrieval model.")] = None,
+    ranker_model: Annotated[str | None, typer.Option(help="Registry name of the ranker.")] = None,
+    experiments: Annotated[Path | None, typer.Option(help="A/B experiments file (YAML or JSON).")] = None,
+    events_dir: Annotated[Path | None, typer.Option(help="Where accepted events are stored.")] = None,
+    poll_interval_s: Annotated[float | None, typer.Option(help="Seconds between registry alias checks.")] = None,
+    canary_share: Annotated[float | None, typer.Option(help="Share of users routed to a canary.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Server processes sharing the port (each loads the models; "
+                                                     "they share the events store).")] = None,
+    setting: Annotated[list[str] | None, typer.Option("--set", help="Any other setting as NAME=VALUE, e.g. "
+                                                      "max_k=50 (see recforge.serve.settings).")] = None,
+) -> None:
+    """Serve recommendations over HTTP (settings: flags > RECFORGE_SERVE_* environment > defaults)."""
+    from recforge.serve.settings import ServeSettings
+
+    extra = {}
+    for item in setting or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            _fail(ValueError(f"--set {item!r} is not NAME=VALUE"))
+        extra[name] = value
+    overrides = {"registry": registry, "host": host, "port": port, "retrieval_model": retrieval_model,
+                 "ranker_model": ranker_model, "experiments": experiments, "events_dir": events_dir,
+                 "poll_interval_s": poll_interval_s, "canary_share": canary_share, "workers": workers, **extra}
+    settings = _run(ServeSettings.load, overrides)
+    from recforge.serve.app import run as run_server
+
+    _run(run_server, settings)
+
+
+events_app = typer.Typer(no_args_is_help=True, help="Events the server accepted: export them for training.")
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("export")
+def events_export(
+    events_dir: Annotated[Path, typer.Option("--events-dir", help="The server's --events-dir.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for one parquet file per UTC day.")],
+    since: Annotated[str | None, typer.Option(help="First UTC day to export (YYYY-MM-DD).")] = None,
+    until: Annotated[str | None, typer.Option(help="Last UTC day to export (YYYY-MM-DD).")] = None,
+) -> None:
+    """Write impressions (labelled by their clicks) in the event-log schema `recforge data prepare` reads."""
+    from recforge.serve.events import export_report
+
+    report = _run(export_report, events_dir, out_dir, since, until)
+    _log(f"exported {report.exported_rows:,} impressions ({report.clicks:,} clicks, {report.events_total:,} events "
+         f"stored) into {len(report.files)} day file(s) under {out_dir}")
+    print(json.dumps(report.__dict__))
+
+
+@app.command("simulate")
+def simulate_cmd(
+    scenario: Annotated[str, typer.Option("--scenario", help="ab: weak vs strong ranker A/B test; loop: simulated "
+                                                            "days of serve -> events -> pipeline -> promote.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="PNG path (default: WORKDIR/<scenario>.png).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the figures.")] = False,
+) -> None:
+    """Synthetic users from the world's ground truth play against the real server (see configs/simulate/)."""
+    from recforge import scenarios
+
+    if scenario not in scenarios.SCENARIOS:
+        _fail(ValueError(f"--scenario must be one of {', '.join(scenarios.SCENARIOS)}, got {scenario!r}"))
+    cfg = _run(scenarios.load_simulate, config, overrides)
+    result = _run(scenarios.run_scenario, scenario, cfg, _log)
+    result["plot"] = str(_run(scenarios.plot_scenario, result, plot or cfg.root / f"{scenario}.png"))
+    from recforge.storage import write_json
+
+    _run(write_json, cfg.root / f"{scenario}.json", result)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    from recforge.scenarios.tables import ab_table, loop_table
+
+    out.print(ab_table(result) if scenario == "ab" else loop_table(result))
+    out.print(f"plot: {result['plot']}\nfigures: {cfg.root / f'{scenario}.json'}\ndone in {result['seconds']:.0f}s")
 
 
 app.command("doctor")(doctor_command)

@@ -181,6 +181,9 @@ class TrainConfig(_Strict):
     compile: bool = False
     # Seconds a collective may wait for a peer before a multi-process run fails (a dead rank).
     ddp_timeout_s: float = Field(300.0, gt=0)
+    # Storage URI (s3://bucket/runs/NAME, or a directory) each checkpoint is uploaded to, with what a
+    # resume needs; `recforge train --resume-from URI` restores the newest one after losing the run dir.
+    mirror_to: str | None = None
 
     @property
     def sparse_embeddings(self) -> bool:

@@ -40,6 +40,7 @@ from recforge.runtime import (
 )
 from recforge.simulate.logs import generate as generate_world
 from recforge.storage import read_json, write_json, write_text
+from recforge.train.checkpoint import restore_run as restore_checkpoint_snapshot
 from recforge.train.objectives import InBatchRetrieval
 from recforge.train.plan import MemoryPlan, detect_device_memory, plan_memory
 from recforge.train.trainer import TrainResult, train
@@ -119,15 +120,34 @@ def _validator(prepared: Path, batch_size: int) -> Callable[[torch.nn.Module], d
     return run
 
 
-def train_model(cfg: Config, *, resume: bool = False, log: Log = print) -> TrainResult:
+def restore_run(cfg: Config, uri: str, log: Log = print) -> Config:
+    """Restore the newest checkpoint snapshot mirrored under `uri` into the run directory.
+
+    Returns the config to resume with: unless it names another mirror, the run goes on mirroring
+    to `uri`, so a second disaster loses no more than the first.
+    """
+    snapshot = restore_checkpoint_snapshot(uri, cfg.resolved_run_dir)
+    log(f"restored {snapshot} into {cfg.resolved_run_dir}")
+    if cfg.train.mirror_to:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"mirror_to": uri})})
+
+
+def train_model(cfg: Config, *, resume: bool = False, resume_from: str | None = None,
+                log: Log = print) -> TrainResult:
     """Build the configured model on the prepared data and train it into the run directory.
 
     Run under torchrun (WORLD_SIZE > 1 in the environment) it trains as one rank of a DDP job.
+    `resume_from` (a train.mirror_to URI) first restores the newest mirrored checkpoint into an
+    empty run directory, then resumes from it exactly as --resume does.
     """
     prepared = cfg.resolved_prepared_dir
     run_dir = cfg.resolved_run_dir
     if not (prepared / "meta.json").is_file():
         raise FileNotFoundError(f"no prepared dataset at {prepared}; run `recforge data prepare` first")
+    if resume_from:
+        cfg = restore_run(cfg, resume_from, log)
+        resume = True
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():
         raise FileExistsError(
             f"run directory {run_dir} already holds a run; pass --resume to continue it, "
@@ -331,3 +351,84 @@ def plan(
         device_bytes, name = detect_device_memory(cfg.train.device)
     return plan_memory(cardinalities, num_numeric, cfg.model, cfg.train, world_size=world_size,
                        device_bytes=device_bytes, device_name=name)
+
+
+def popularity_tables(prepared: Path, features: FeatureSpec) -> dict[str, np.ndarray]:
+    """Cold-start tables from the train split's positives: clicks per item row ("overall", float32
+    [item rows]) and per context value x item row (one float32 [field rows, item rows] per context field).
+
+    What a server falls back to for a user it cannot personalize: the most clicked items, or the
+    most clicked in the request's context (device, hour, ...). One bincount per table, no row loop.
+    """
+    train_data = SplitData.load(prepared, "train")
+    positive = (train_data.label > 0).numpy()
+    categorical = train_data.categorical.numpy()[positive]
+    item_col = features.columns("item")[0]
+    n_items = features.cardinalities[item_col]
+    items = categorical[:, item_col]
+    tables = {"overall": np.bincount(items, minlength=n_items).astype(np.float32)}
+    for col in features.columns("context"):
+        rows = features.cardinalities[col]
+        flat = np.bincount(categorical[:, col] * n_items + items, minlength=rows * n_items)
+        tables[features.categorical[col]] = flat.reshape(rows, n_items).astype(np.float32)
+    return tables
+
+
+def export_run(run: Path, out: Path | str, *, formats: tuple[str, ...] = ("torchscript",),
+               parity_rows: int = 2048) -> Path | str:
+    """Export a trained run as a bundle at `out`: a local path, file://, or an object-store URI (s3://).
+
+    Composition lives here, not in the bundle module, so serving never imports the training side.
+    A remote bundle is written and verified in a local temporary directory first, then uploaded
+    with `recforge.storage.put_dir` (atomic: readers see it only once complete). Returns the
+    bundle's local Path, or the URI itself for a remote `out`.
+    """
+    import shutil
+    import tempfile
+
+    from recforge import bundle, storage
+
+    run = Path(run)
+    target = str(out)
+    if storage.is_remote(target):
+        put_dir = getattr(storage, "put_dir", None)
+        if put_dir is None:
+            raise RuntimeError(f"cannot write a bundle to {target}: this recforge has no recforge.storage.put_dir; "
+                               "export to a local --out and copy it")
+        if storage.exists(target):
+            raise FileExistsError(f"{target} already exists; bundles are never overwritten, choose another --out")
+        staging = Path(tempfile.mkdtemp(prefix="recforge-export-"))
+        try:
+            local = export_run(run, staging / "bundle", formats=formats, parity_rows=parity_rows)
+            put_dir(Path(local), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+    if "://" in target and not target.startswith("file://"):
+        raise ValueError(f"--out {target}: unsupported URI scheme; use a local path, file://, or s3://")
+    out_dir = Path(target.removeprefix("file://"))
+    run_cfg = load_run_config(run)
+    model = load_trained_model(run)
+    prepared = run_cfg.resolved_prepared_dir
+    held_out = SplitData.load(prepared, "test")
+    if len(held_out) == 0:
+        held_out = SplitData.load(prepared, "valid")
+    if len(held_out) == 0:
+        raise ValueError(f"{prepared} has no test or valid rows to check the exported model on")
+    rows = held_out.batch(torch.arange(min(parity_rows, len(held_out))))
+    features = feature_spec(prepared)
+    catalog = item_catalog(prepared, features).numpy()
+    item_rows = features.cardinalities[features.columns("item")[0]]
+    if len(catalog) != item_rows:
+        raise ValueError(f"{prepared}/items/features.npy has {len(catalog)} rows but the item vocabulary has "
+                         f"{item_rows}; run `recforge data prepare` again")
+    evaluation = run / "evaluation_test.json"
+    return bundle.write_bundle(
+        model, out_dir, model_name=run_cfg.model.name, features=read_json(run / "features.json"),
+        vocab_dir=prepared / "vocab", config=run_cfg.to_dict(),
+        metrics=read_json(evaluation) if evaluation.is_file() else {},
+        data_fingerprint=bundle.data_fingerprint(read_json(prepared / "meta.json")),
+        parity_inputs=(rows.categorical, rows.numeric, rows.history_values, rows.history_offsets),
+        item_index_dir=run / "index" if isinstance(model, TwoTower) else None,
+        item_features=catalog, popularity=popularity_tables(prepared, features), formats=formats,
+    )

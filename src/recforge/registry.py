@@ -8,6 +8,11 @@ Layout under a registry root::
     <root>/<model>/aliases.json          {"production": N, "canary": M}
     <root>/<model>/history.jsonl         one JSON object per alias move (time, alias, from, to, reason, user)
 
+The root is a local directory or an object-store URI (``s3://bucket/prefix``, see storage.py). On
+an object store a version slot is claimed by ``<N>/.claim`` (conditional PUT, ``If-None-Match: *``),
+COMMITTED holds the sha256 of every file and is uploaded last, and the history is one object per
+move (``<model>/history/<seq>.json``, itself created conditionally), listed in order.
+
 Why it is shaped this way:
 
 * A version number is claimed by creating its slot with an operation that fails if the slot exists
@@ -18,15 +23,19 @@ Why it is shaped this way:
 * Alias moves take a lock file created exclusively (with a stale-lock timeout, so a crashed promoter
   does not wedge the registry forever) and replace ``aliases.json`` atomically; every move is
   recorded in the history, which is what ``rollback`` reads.
-* Every file access goes through :class:`RegistryStore`, implemented here for local paths, so an
-  object-store backend (conditional puts for claims and locks, multi-object upload with the marker
-  last) can slot in without touching the registry logic.
+* Every file access goes through :class:`RegistryStore`: :class:`LocalStore` for directories,
+  :class:`S3Store` for object stores (conditional puts for claims, locks and history events, a
+  multi-object upload with the marker last). The logic above it is shared, so both behave alike.
+* On an object store, `resolve` returns a local copy, downloaded once into the cache
+  (RECFORGE_CACHE, default ~/.cache/recforge) with every sha256 checked, and renamed into place
+  so concurrent processes never see a partial copy. Versions are immutable, so the copy stays valid.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import re
@@ -38,9 +47,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
-from recforge.bundle import MANIFEST, BundleError, load_bundle, read_manifest, verify_bundle
+from recforge import storage
 from recforge.storage import _fsync_dir, write_bytes
 
 COMMITTED = "COMMITTED"
@@ -48,9 +58,12 @@ VERSION_META = "registry.json"
 ALIASES = "aliases.json"
 HISTORY = "history.jsonl"
 LOCK = ".aliases.lock"
+CLAIM = ".claim"
+GC_AFTER_S = 3600.0
 DEFAULT_ALIAS = "production"
 LOCK_STALE_AFTER_S = 60.0
 LOCK_WAIT_S = 30.0
+MANIFEST = "manifest.json"  # bundle.MANIFEST; bundle is imported only where a bundle is loaded or verified
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -94,7 +107,31 @@ class RegistryStore(Protocol):
         ...
 
     def local_path(self, key: str) -> Path:
-        """A local directory holding `key`'s files, for bundle verification and loading."""
+        """A local directory holding `key`'s files, for bundle loading (a verified cached copy if remote)."""
+        ...
+
+    def where(self, key: str) -> str:
+        """Where `key` lives, for people to read (a path or a URI); fetches nothing."""
+        ...
+
+    def verify(self, key: str) -> None:
+        """Re-check the stored bytes of version directory `key` against its checksums, as they are now."""
+        ...
+
+    def append_event(self, key: str, data: bytes) -> None:
+        """Append one record to the log `key` (the caller holds the alias lock)."""
+        ...
+
+    def events(self, key: str) -> list[bytes]:
+        """The records of log `key`, oldest first."""
+        ...
+
+    def claim_age(self, key: str) -> float | None:
+        """Seconds since slot `key` was claimed (None if unknown)."""
+        ...
+
+    def delete_tree(self, key: str) -> None:
+        """Remove slot `key` and everything in it."""
         ...
 
 
@@ -161,6 +198,138 @@ class LocalStore:
     def local_path(self, key: str) -> Path:
         return self._path(key)
 
+    def where(self, key: str) -> str:
+        return str(self._path(key))
+
+    def verify(self, key: str) -> None:
+        path = self._path(key)
+        bundle = _bundle()
+        bundle.verify_bundle(path, bundle.read_manifest(path))
+
+    def append_event(self, key: str, data: bytes) -> None:
+        # Rewritten whole (atomically) rather than appended in place: a torn append cannot happen.
+        path = self._path(key)
+        old = path.read_bytes() if path.is_file() else b""
+        write_bytes(path, old + data.rstrip(b"\n") + b"\n")
+
+    def events(self, key: str) -> list[bytes]:
+        path = self._path(key)
+        lines = path.read_bytes().splitlines() if path.is_file() else []
+        return [line for line in lines if line.strip()]
+
+    def claim_age(self, key: str) -> float | None:
+        try:
+            return time.time() - self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def delete_tree(self, key: str) -> None:
+        shutil.rmtree(self._path(key), ignore_errors=True)
+
+
+def cache_dir() -> Path:
+    """Where local copies of remote registry versions are kept (RECFORGE_CACHE, default ~/.cache/recforge)."""
+    return Path(os.environ.get("RECFORGE_CACHE") or Path.home() / ".cache" / "recforge")
+
+
+class S3Store:
+    """RegistryStore on an S3-compatible object store (`s3://bucket/prefix`).
+
+    Claims, locks and history events are conditional PUTs (If-None-Match: *), so exactly one
+    concurrent writer wins each; a version is the objects under its prefix plus COMMITTED (the
+    sha256 of every file), uploaded last. Stores that ignore If-None-Match would break the claim
+    guarantee: SeaweedFS, MinIO and AWS S3 honour it (tests/test_registry_s3.py races real processes).
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        # ETag of each key as this store last read it (None: read as absent). `replace` writes only if
+        # the object is still that version, so aliases.json cannot lose a move even if a promoter
+        # held the alias lock past its expiry and another one broke it.
+        self._seen: dict[str, str | None] = {}
+
+    def _uri(self, key: str) -> str:
+        return str(storage.join(self.root, key))
+
+    def put_dir(self, src: Path, key: str, extra: Mapping[str, bytes]) -> None:
+        storage.put_dir(src, self._uri(key), extra=extra, marker=COMMITTED)
+
+    def get(self, key: str) -> bytes:
+        try:
+            data, self._seen[key] = storage.get_with_etag(self._uri(key))
+        except FileNotFoundError:
+            self._seen[key] = None
+            raise
+        return data
+
+    def exists(self, key: str) -> bool:
+        return storage.exists(self._uri(key))
+
+    def list(self, prefix: str) -> list[str]:
+        return storage.list_dir(self._uri(prefix))
+
+    def create_if_absent(self, key: str, data: bytes | None = None) -> bool:
+        if not storage.honours_conditional_create(self.root):
+            raise RegistryError(f"the object store behind {self.root} ignores If-None-Match (conditional PUT), "
+                                "so concurrent publishers could share a version number; use a store that "
+                                "supports it (AWS S3, MinIO, SeaweedFS) or a shared directory")
+        if data is None:
+            claim = {"token": uuid.uuid4().hex, "unix": time.time(), "user": _user(), "pid": os.getpid()}
+            return storage.create_if_absent(self._uri(f"{key}/{CLAIM}"), json.dumps(claim).encode("utf-8"))
+        return storage.create_if_absent(self._uri(key), data)
+
+    def replace(self, key: str, data: bytes) -> None:
+        if key not in self._seen:
+            storage.put_bytes(self._uri(key), data)
+            return
+        seen = self._seen[key]
+        self._seen[key] = storage.put_bytes(self._uri(key), data, expected_etag=seen, expect_absent=seen is None)
+
+    def delete(self, key: str) -> None:
+        storage.delete(self._uri(key))
+
+    def local_path(self, key: str) -> Path:
+        """A verified copy in the cache, keyed by registry URI and key (model/versions/N)."""
+        root_id = hashlib.sha256(self.root.encode("utf-8")).hexdigest()[:16]
+        local = cache_dir().joinpath("registry", root_id, *key.split("/"))
+        if not (local / COMMITTED).is_file():
+            with contextlib.suppress(FileExistsError):  # another process cached it first: same bytes
+                storage.get_dir(self._uri(key), local, marker=COMMITTED)
+        return local
+
+    def where(self, key: str) -> str:
+        return self._uri(key)
+
+    def verify(self, key: str) -> None:
+        # A fresh download, not the cache: what matters is whether the stored bytes are intact now.
+        with tempfile.TemporaryDirectory(prefix="recforge-verify-") as tmp:
+            local = storage.get_dir(self._uri(key), Path(tmp) / "v", marker=COMMITTED)
+            bundle = _bundle()
+            bundle.verify_bundle(local, bundle.read_manifest(local))
+
+    def _log_prefix(self, key: str) -> str:
+        return key[: -len(".jsonl")] if key.endswith(".jsonl") else f"{key}.d"
+
+    def append_event(self, key: str, data: bytes) -> None:
+        prefix = self._log_prefix(key)
+        number = len(self.events(key)) + 1
+        while not storage.create_if_absent(self._uri(f"{prefix}/{number:08d}.json"), data.rstrip(b"\n") + b"\n"):
+            number += 1
+
+    def events(self, key: str) -> list[bytes]:
+        prefix = self._log_prefix(key)
+        names = sorted(n for n in self.list(prefix) if n.endswith(".json") and n[:-5].isdigit())
+        return [self.get(f"{prefix}/{name}") for name in names]
+
+    def claim_age(self, key: str) -> float | None:
+        try:
+            return time.time() - float(json.loads(self.get(f"{key}/{CLAIM}")).get("unix", 0.0))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def delete_tree(self, key: str) -> None:
+        storage.delete_dir(self._uri(key))
+
 
 @dataclass(frozen=True)
 class VersionInfo:
@@ -179,9 +348,17 @@ class VersionInfo:
         return asdict(self)
 
 
+def _bundle() -> ModuleType:
+    """The bundle module, imported on first use: it pulls in torch, which listing and history do not need."""
+    from recforge import bundle
+
+    return bundle
+
+
 def _store(root: str | Path | RegistryStore) -> RegistryStore:
-    # Local paths only for now; a URI scheme (s3://) would pick another store here.
-    return LocalStore(root) if isinstance(root, (str, Path)) else root
+    if isinstance(root, (str, Path)):
+        return S3Store(str(root)) if storage.is_remote(root) else LocalStore(root)
+    return root
 
 
 def _check_name(model_name: str) -> str:
@@ -220,11 +397,7 @@ def _aliases(store: RegistryStore, model: str) -> dict[str, int]:
 
 
 def _history(store: RegistryStore, model: str) -> list[dict[str, Any]]:
-    try:
-        text = store.get(f"{model}/{HISTORY}").decode("utf-8")
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [json.loads(record) for record in store.events(f"{model}/{HISTORY}")]
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -237,11 +410,9 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj} if prefix else {"": obj}
 
 
-def _numeric_metrics(path: Path) -> dict[str, float]:
-    file = path / "metrics.json"
-    if not file.is_file():
-        return {}
-    flat = _flatten(json.loads(file.read_text(encoding="utf-8")))
+def _numeric_metrics(store: RegistryStore, key: str) -> dict[str, float]:
+    # Read through the store (one small object), so listing a remote registry downloads no bundles.
+    flat = _flatten(_read_json(store, f"{key}/metrics.json", {}))
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -252,11 +423,19 @@ def publish(root: str | Path | RegistryStore, bundle_dir: str | Path, model_name
     could not serve is never stored. The number is claimed with a create-if-absent, so concurrent
     publishers get distinct numbers.
     """
+    if storage.is_remote(bundle_dir):  # a bundle exported to the store: verified local copy first
+        with tempfile.TemporaryDirectory(prefix="recforge-publish-") as tmp:
+            local = storage.get_dir(bundle_dir, Path(tmp) / "bundle")
+            return _publish(root, local, model_name, note, str(bundle_dir))
+    return _publish(root, Path(bundle_dir), model_name, note, str(Path(bundle_dir).resolve()))
+
+
+def _publish(root: str | Path | RegistryStore, bundle_dir: Path, model_name: str, note: str, source: str) -> int:
     store = _store(root)
     model = _check_name(model_name)
-    loaded = load_bundle(bundle_dir)  # raises BundleError with the bundle's own message
+    loaded = _bundle().load_bundle(bundle_dir)  # raises BundleError with the bundle's own message
     meta = {"published": _now(), "published_unix": time.time(), "note": note, "user": _user(),
-            "source": str(Path(bundle_dir).resolve()), "kind": loaded.kind,
+            "source": source, "kind": loaded.kind,
             "bundle_model_name": loaded.manifest.get("model_name")}
     existing = [int(name) for name in store.list(f"{model}/versions") if name.isdigit()]
     number = max(existing, default=0) + 1
@@ -304,13 +483,20 @@ def resolve(root: str | Path | RegistryStore, model_name: str, version_or_alias:
     return store.local_path(f"{model}/versions/{_parse_ref(store, model, version_or_alias)}")
 
 
+def location(root: str | Path | RegistryStore, model_name: str, version_or_alias: str | int = "latest") -> str:
+    """Where a committed version lives (a path or a URI), without fetching it."""
+    store = _store(root)
+    model = _check_name(model_name)
+    return store.where(f"{model}/versions/{_parse_ref(store, model, version_or_alias)}")
+
+
 def _info(store: RegistryStore, model: str, number: int, aliases: Mapping[str, int]) -> VersionInfo:
-    path = store.local_path(f"{model}/versions/{number}")
-    meta = _read_json(store, f"{model}/versions/{number}/{VERSION_META}", {})
+    key = f"{model}/versions/{number}"
+    meta = _read_json(store, f"{key}/{VERSION_META}", {})
     return VersionInfo(number=number, created=str(meta.get("published", "")), note=str(meta.get("note", "")),
                        kind=str(meta.get("kind", "")), user=str(meta.get("user", "")),
-                       metrics=_numeric_metrics(path), aliases=sorted(a for a, n in aliases.items() if n == number),
-                       path=str(path))
+                       metrics=_numeric_metrics(store, key),
+                       aliases=sorted(a for a, n in aliases.items() if n == number), path=store.where(key))
 
 
 def list_versions(root: str | Path | RegistryStore, model_name: str) -> list[VersionInfo]:
@@ -362,7 +548,7 @@ def _alias_lock(store: RegistryStore, model: str, stale_after: float | None = No
             continue
         if time.monotonic() > deadline:
             raise RegistryError(f"aliases of {model!r} are locked by {held}; if no promotion is running, delete "
-                                f"{store.local_path(key)}")
+                                f"{store.where(key)}")
         time.sleep(0.02)
     try:
         yield
@@ -374,10 +560,9 @@ def _alias_lock(store: RegistryStore, model: str, stale_after: float | None = No
 
 def _verified(store: RegistryStore, model: str, number: int) -> None:
     """Re-check a stored version's checksums: an alias must never point at bytes that changed on disk."""
-    path = store.local_path(f"{model}/versions/{number}")
     try:
-        verify_bundle(path, read_manifest(path))
-    except (BundleError, FileNotFoundError) as exc:
+        store.verify(f"{model}/versions/{number}")
+    except (_bundle().BundleError, FileNotFoundError, storage.StorageError) as exc:
         raise RegistryError(f"refusing {model!r} version {number}: {exc}") from exc
 
 
@@ -392,8 +577,7 @@ def _move(store: RegistryStore, model: str, alias: str, target: int | None, acti
     aliases = _aliases(store, model)
     record = {"time": _now(), "alias": alias, "from": aliases.get(alias), "to": target, "reason": reason,
               "user": _user(), "action": action}
-    lines = [json.dumps(r, sort_keys=True) for r in _history(store, model)] + [json.dumps(record, sort_keys=True)]
-    store.replace(f"{model}/{HISTORY}", ("\n".join(lines) + "\n").encode("utf-8"))
+    store.append_event(f"{model}/{HISTORY}", (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
     if target is None:
         aliases.pop(alias, None)
     else:
@@ -470,12 +654,37 @@ def diff(root: str | Path | RegistryStore, model_name: str, a: str | int, b: str
     numbers = (_parse_ref(store, model, a), _parse_ref(store, model, b))
     configs, metrics = [], []
     for number in numbers:
-        path = store.local_path(f"{model}/versions/{number}")
         configs.append(_flatten(_read_json(store, f"{model}/versions/{number}/config.json", {})))
-        metrics.append(_numeric_metrics(path))
+        metrics.append(_numeric_metrics(store, f"{model}/versions/{number}"))
     config_diff = {key: [configs[0].get(key), configs[1].get(key)]
                    for key in sorted(set(configs[0]) | set(configs[1])) if configs[0].get(key) != configs[1].get(key)}
     metric_table = {key: [metrics[0].get(key), metrics[1].get(key)]
                     for key in sorted(set(metrics[0]) | set(metrics[1]))}
     return {"model": model, "a": {"ref": str(a), "version": numbers[0]}, "b": {"ref": str(b), "version": numbers[1]},
             "config": config_diff, "metrics": metric_table}
+
+
+def gc(root: str | Path | RegistryStore, model_name: str, older_than_s: float = GC_AFTER_S) -> list[int]:
+    """Remove version slots claimed more than `older_than_s` ago whose upload never committed.
+
+    Such slots are already invisible and never block a publish (the next number is taken); this
+    only reclaims their space. The age threshold keeps a slow publisher's slot out of reach.
+    """
+    store = _store(root)
+    model = _check_name(model_name)
+    committed = set(_committed(store, model))
+    removed = []
+    for name in store.list(f"{model}/versions"):
+        key = f"{model}/versions/{name}"
+        stale_tmp = name.startswith(".tmp-")
+        if not (name.isdigit() and int(name) not in committed) and not stale_tmp:
+            continue
+        age = store.claim_age(key)
+        if age is not None and age < older_than_s:
+            continue
+        if store.exists(f"{key}/{COMMITTED}"):  # committed meanwhile
+            continue
+        store.delete_tree(key)
+        if name.isdigit():
+            removed.append(int(name))
+    return sorted(removed)

@@ -4,17 +4,27 @@ A checkpoint holds model and optimizer state, the AMP scaler, the position in th
 step within it), early-stopping state and the RNG states. The epoch's row order is a pure
 function of (seed, epoch), so together these make a resumed run end with exactly the weights of
 an uninterrupted one. Files are written atomically: a crash mid-write leaves the previous one.
+
+For disaster recovery a run can mirror itself to storage (`train.mirror_to`, e.g. s3://bucket/runs/x):
+after each checkpoint, a snapshot of everything a resume needs (the checkpoint, the best weights so
+far, the run's config and metrics) is uploaded as one committed directory `<uri>/ckpt-<step>-<epoch>`.
+Snapshots are complete or invisible (storage.put_dir), so `restore_run` takes the newest committed
+one; older ones are pruned once a newer one is committed.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from recforge import storage
 from recforge.storage import write_bytes
 
 CHECKPOINT_VERSION = 1
@@ -90,3 +100,81 @@ def save_weights(path: Path, model: torch.nn.Module) -> None:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     write_bytes(path, buffer.getvalue())
+
+
+SNAPSHOT_PREFIX = "ckpt-"
+# Replaced atomically (never changed in place), so a hard link is a stable snapshot of them.
+_LINKED = ("checkpoints/last.pt", "model.pt")
+# Small files, copied: metrics.jsonl is still being appended to while the snapshot uploads.
+_COPIED = ("config.yaml", "features.json", "env.json", "metrics.jsonl")
+
+
+def snapshot_name(state: RunState) -> str:
+    """Names sort in training order: a checkpoint at an epoch's end sorts after one mid-epoch at the same step."""
+    return f"{SNAPSHOT_PREFIX}{state.global_step:012d}-{state.epoch:05d}-{int(state.finished)}"
+
+
+def mirror_run(run_dir: Path, uri: str, state: RunState, keep: int = 2) -> str:
+    """Upload a snapshot of `run_dir` as it is after a checkpoint; returns the snapshot's URI.
+
+    The files are staged (links and copies) first, so the snapshot is the run at this moment even
+    though training goes on writing. Only the newest `keep` committed snapshots are kept.
+    """
+    target = str(storage.join(uri, snapshot_name(state)))
+    if storage.exists(storage.join(target, storage.COMMIT_MARKER)):  # this state was mirrored already
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=".mirror-", dir=run_dir))
+    try:
+        for rel in (*_LINKED, *_COPIED):
+            source = run_dir / rel
+            if not source.is_file():
+                continue
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            if rel in _LINKED:
+                try:
+                    os.link(source, staging / rel)
+                except OSError:
+                    shutil.copyfile(source, staging / rel)
+            else:
+                shutil.copyfile(source, staging / rel)
+        storage.put_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    snapshots = [n for n in storage.list_dir(uri) if n.startswith(SNAPSHOT_PREFIX)]
+    for name in sorted(snapshots)[:-keep] if keep > 0 else []:
+        storage.delete_dir(storage.join(uri, name))
+    return target
+
+
+def latest_snapshot(uri: str) -> str | None:
+    """The newest committed snapshot under `uri` (a snapshot whose upload never finished is skipped)."""
+    for name in sorted((n for n in storage.list_dir(uri) if n.startswith(SNAPSHOT_PREFIX)), reverse=True):
+        candidate = str(storage.join(uri, name))
+        if storage.exists(storage.join(candidate, storage.COMMIT_MARKER)):
+            return candidate
+    return None
+
+
+def restore_run(uri: str, run_dir: Path) -> str:
+    """Download the newest committed snapshot under `uri` into `run_dir` (verified); returns its URI.
+
+    `run_dir` must not hold a checkpoint already: a local run is continued with --resume instead.
+    """
+    snapshot = latest_snapshot(uri)
+    if snapshot is None:
+        raise FileNotFoundError(f"no committed checkpoint snapshot under {uri}; was the run started with "
+                                "train.mirror_to (or --mirror-to) set to this URI?")
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        raise FileExistsError(f"run directory {run_dir} already holds a checkpoint; continue it with --resume, "
+                              "or restore into another run_dir=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".restore-", dir=run_dir) as tmp:
+        local = storage.get_dir(snapshot, Path(tmp) / "snapshot")
+        # The checkpoint goes in last: its presence is what --resume looks for.
+        for path in sorted(local.rglob("*"), key=lambda p: (p.name == "last.pt", str(p))):
+            rel = path.relative_to(local)
+            if path.is_file() and rel.as_posix() != storage.COMMIT_MARKER:
+                (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, run_dir / rel)  # same file system: each file appears whole
+    return snapshot

@@ -2,7 +2,8 @@
 
 Adam (or sparse embedding gradients + SparseAdam), epochs of index-sliced batches, AMP
 (bf16 autocast on CPU/CUDA, fp16 + GradScaler on CUDA), early stopping on a validation metric,
-atomic checkpoints every N steps and at each epoch end, exact resume, metrics as JSONL.
+atomic checkpoints every N steps and at each epoch end (mirrored to storage when train.mirror_to is
+set), exact resume, metrics as JSONL.
 Validation is passed in as a function so the loop does not depend on how a model is evaluated.
 """
 
@@ -25,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from recforge.config import TrainConfig
 from recforge.data.batches import SplitData, iterate_batches, steps_per_epoch
 from recforge.runtime import DistContext, choose_device, tune_allocator
-from recforge.train.checkpoint import RunState, load_checkpoint, save_checkpoint, save_weights
+from recforge.train.checkpoint import RunState, load_checkpoint, mirror_run, save_checkpoint, save_weights
 from recforge.train.objectives import Pointwise
 from recforge.train.optim import RowWiseAdam
 
@@ -48,7 +49,7 @@ def config_digest(train_cfg: TrainConfig, extra: dict[str, Any]) -> str:
     """Identity of a run for resume: keys that may change between an interruption and a resume are left out."""
     resumable = train_cfg.model_dump(
         exclude={"epochs", "stop_after_steps", "log_every", "progress", "checkpoint_every", "eval_batch_size",
-                 "threads"}
+                 "threads", "mirror_to"}
     )
     blob = json.dumps({"train": resumable, **extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -238,8 +239,16 @@ def train(
     check_every = cfg.log_every if dist_ctx.distributed else 1
 
     def checkpoint() -> None:
-        if main:
-            save_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, state, digest)
+        if not main:
+            return
+        save_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, state, digest)
+        if cfg.mirror_to:
+            # A failed upload (retries spent) costs the remote copy of this checkpoint, not the run:
+            # the next checkpoint tries again, and the local one is intact.
+            try:
+                mirror_run(run_dir, cfg.mirror_to, state)
+            except OSError as exc:
+                log(f"warning: mirroring checkpoint to {cfg.mirror_to} failed, training goes on: {exc}")
 
     def write_metrics(record: dict[str, Any]) -> None:
         if metrics_file is not None:
