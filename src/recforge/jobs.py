@@ -134,12 +134,15 @@ def restore_run(cfg: Config, uri: str, log: Log = print) -> Config:
 
 
 def train_model(cfg: Config, *, resume: bool = False, resume_from: str | None = None,
+                init_weights: Callable[[torch.nn.Module, FeatureSpec], dict[str, Any]] | None = None,
                 log: Log = print) -> TrainResult:
     """Build the configured model on the prepared data and train it into the run directory.
 
     Run under torchrun (WORLD_SIZE > 1 in the environment) it trains as one rank of a DDP job.
     `resume_from` (a train.mirror_to URI) first restores the newest mirrored checkpoint into an
-    empty run directory, then resumes from it exactly as --resume does.
+    empty run directory, then resumes from it exactly as --resume does. `init_weights` (e.g. a warm
+    start from the production model) fills the freshly built model before a new run; a resumed run
+    takes its weights from the checkpoint instead.
     """
     prepared = cfg.resolved_prepared_dir
     run_dir = cfg.resolved_run_dir
@@ -163,6 +166,8 @@ def train_model(cfg: Config, *, resume: bool = False, resume_from: str | None = 
             raise ValueError("model din needs user histories: set data.history_length (e.g. 20) and run "
                              "`recforge data prepare` again")
         model = build_model(features, cfg.model, sparse=cfg.train.sparse_embeddings)
+        if init_weights is not None and not resume:
+            log(f"initial weights: {init_weights(model, features)}")
         train_data = SplitData.load(prepared, "train")
         validate_fn = None
         if prepared_meta["split"]["valid"]["rows"]:

@@ -67,7 +67,7 @@ def test_canary_is_promoted_only_after_its_minimum_age(lineage):
 
 def test_new_day_trains_a_challenger_judged_against_the_champion_on_the_same_holdout(lineage):
     lineage.arrive(5)
-    result = last_json(lineage.pipeline())
+    result = last_json(lineage.pipeline("training.warm_start=true"))
     assert result["no_champion"] is False and result["champion_version"] == 1
     test = result["paired_test"]
     assert test["test"] == "paired_bootstrap" and test["n_users"] >= 30
@@ -75,6 +75,8 @@ def test_new_day_trains_a_challenger_judged_against_the_champion_on_the_same_hol
     cycle = lineage.root / "state" / "cycles" / result["cycle"]
     gate = json.loads((cycle / "gate.json").read_text())
     assert gate["reference"] == "champion" and set(gate["guardrails"]) == {"challenger", "champion"}
+    trained = json.loads((cycle / "steps" / "train.json").read_text())
+    assert trained["warm_start"] == "champion v1" and trained["embedding_rows_from_champion"] > 0, trained
     evaluated = json.loads((cycle / "steps" / "evaluate.json").read_text())
     assert evaluated["champion_version"] == 1 and evaluated["champion_encoding"]["item_field"] == "item_id"
     if result["decision"] == "pass":

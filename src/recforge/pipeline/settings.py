@@ -26,6 +26,8 @@ class TrainingSettings(_Strict):
 
     config: str | None = None
     overrides: list[str] = Field(default_factory=list)
+    # Start the challenger from the production model's weights (embedding rows matched by raw id).
+    warm_start: bool = False
 
 
 class GateSettings(_Strict):

@@ -27,6 +27,7 @@ from recforge.pipeline import gate as gate_module
 from recforge.pipeline.cycle import Cycle, crash_point
 from recforge.pipeline.holdout import encode_for_bundle, item_known
 from recforge.pipeline.settings import PipelineConfig
+from recforge.pipeline.warm_start import warm_start_from_bundle
 from recforge.storage import write_bytes, write_json
 
 SCORES = "holdout_scores.npz"
@@ -44,11 +45,26 @@ def train(cycle: Cycle) -> dict[str, Any]:
     cfg = cycle.training()
     # A checkpoint without a train marker is a run that was killed: continue it, do not restart.
     resume = (cfg.resolved_run_dir / "checkpoints" / "last.pt").exists()
-    result = jobs.train_model(cfg, resume=resume, log=cycle.log)
+    warm: dict[str, Any] = {}
+    init = None
+    if cycle.cfg.training.warm_start:
+        number, path = _champion(cycle.cfg)
+        if number is None or path is None:
+            warm = {"warm_start": "no champion: trained from scratch"}
+        else:
+            champion = bundle_module.load_bundle(path)
+            prepared = cfg.resolved_prepared_dir
+
+            def init(model: Any, features: Any) -> dict[str, Any]:
+                info = warm_start_from_bundle(model, features, prepared, champion)
+                warm.update({"warm_start": f"champion v{number}", **info})
+                return info
+
+    result = jobs.train_model(cfg, resume=resume, init_weights=init, log=cycle.log)
     if result.interrupted:
         raise RuntimeError(f"training of cycle {cycle.id} stopped early (train.stop_after_steps); run again to resume")
     return {"run_dir": str(result.run_dir), "resumed": resume, "best_epoch": result.state.best_epoch,
-            "best_valid": result.state.best_metric, "global_step": result.state.global_step}
+            "best_valid": result.state.best_metric, "global_step": result.state.global_step, **warm}
 
 
 def export(cycle: Cycle) -> dict[str, Any]:
