@@ -191,7 +191,13 @@ class ItemIndex:
             raise ValueError(f"k must be at least 1, got {k}")
         if self.metric == "cosine":
             q = _normalized(q)
-        scores, ids = self.index.search(q, k)
+        ef_search = int(self.params.get("ef_search", 0)) if self.kind == "hnsw" else 0
+        if k > ef_search > 0:
+            # HNSW returns at most efSearch results: asking for more (e.g. 200 candidates with efSearch 128)
+            # left a quarter of the slots empty. Widening the search to k keeps every slot filled.
+            scores, ids = self.index.search(q, k, params=faiss.SearchParametersHNSW(efSearch=k))
+        else:
+            scores, ids = self.index.search(q, k)
         if self.metric == "l2":
             scores = -scores
         scores[ids < 0] = -np.inf

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -21,6 +22,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic_core import to_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recforge import registry
@@ -32,14 +34,11 @@ from recforge.serve.schemas import (
     EventsResponse,
     ExperimentsBody,
     Health,
-    ModelVersions,
     Ready,
-    RecommendedItem,
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
     RollbackRequest,
-    ScoredItem,
     ScoreRequest,
     ScoreResponse,
     bounded_recommend_request,
@@ -115,9 +114,20 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _json(model: Any) -> Response:
-    """An already-validated response model, serialized once (FastAPI would validate it a second time)."""
-    return Response(content=model.model_dump_json(), media_type="application/json")
+# How often a worker reads the events the other workers stored (exclude_seen and histories lag by at most this).
+SEEN_SYNC_S = 0.2
+# How the parent process hands its settings to the worker processes (uvicorn starts them from an import string).
+WORKER_SETTINGS_ENV = "RECFORGE_WORKER_SETTINGS"
+
+
+def _json_content(content: dict[str, Any]) -> Response:
+    """A response body from values the server computed itself (ids and floats it already holds as such), in
+    the shape of the route's response model, which stays declared for the schema.
+
+    Building the pydantic models first and dumping them costs ~5x more: with 500 scored items that was ~0.5 ms
+    per request of the one core the event loop has. NaN/inf become null, as pydantic's dump would write them.
+    """
+    return Response(content=to_json(content, inf_nan_mode="null"), media_type="application/json")
 
 
 def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
@@ -137,6 +147,8 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         """Initial load, then re-resolve the aliases every poll interval (retrying until production loads)."""
         while True:
             try:
+                if settings.workers > 1 and svc.snapshot is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, svc.follow_experiments_file)
                 await reload_in_thread()
                 svc.last_error = None
             except Exception as exc:  # the registry may be mid-change or empty: report and retry
@@ -147,6 +159,16 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
                 return
             await asyncio.sleep(interval)
 
+    async def follow_events() -> None:
+        """With several workers: read the events the other workers stored into this one's per-user memory."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SEEN_SYNC_S)
+            try:
+                await loop.run_in_executor(svc.events_executor, svc.sync_seen)
+            except Exception as exc:  # a busy or briefly unreadable store: the next round catches up
+                log.warning("reading events stored by other workers failed: %s", exc)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import faiss
@@ -156,6 +178,8 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         torch.set_num_threads(1)
         faiss.omp_set_num_threads(1)
         spawn(follow_registry())
+        if settings.workers > 1:
+            spawn(follow_events())
         try:
             yield
         finally:
@@ -226,13 +250,14 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         if served.result.cold_start:
             svc.metrics.cold_start.inc()
         used = served.route
-        return _json(RecommendResponse(
-            request_id=uuid.uuid4().hex, user_id=body.user_id,
-            items=[RecommendedItem(item_id=i, score=s, retrieval_score=r) for i, s, r in
-                   zip(served.result.items, served.result.scores, served.result.retrieval_scores, strict=True)],
-            cold_start=served.result.cold_start,
-            model_versions=ModelVersions(retrieval=used.retrieval, ranker=used.ranker),
-            model_version=used.model_version, assignments=used.assignments, canary=bool(used.canary)))
+        # RecommendResponse's fields, serialized straight from the computed values (see _json_content).
+        return _json_content({
+            "request_id": uuid.uuid4().hex, "user_id": body.user_id,
+            "items": [{"item_id": i, "score": s, "retrieval_score": r} for i, s, r in
+                      zip(served.result.items, served.result.scores, served.result.retrieval_scores, strict=True)],
+            "cold_start": served.result.cold_start,
+            "model_versions": {"retrieval": used.retrieval, "ranker": used.ranker},
+            "model_version": used.model_version, "assignments": used.assignments, "canary": bool(used.canary)})
 
     # The request models carry this server's limits (k, item_ids), so a too-large value is a 422 naming the field
     # and the published schema states the bound.
@@ -253,12 +278,12 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             finish("score", route, 500, started)
             raise HTTPException(500, str(exc)) from None
         finish("score", route, 200, started, failed)
-        return _json(ScoreResponse(request_id=uuid.uuid4().hex,
-                             scores=[ScoredItem(item_id=i, score=s) for i, s in zip(ids, scores, strict=True)],
-                             unknown_items=unknown, model_versions=ModelVersions(retrieval=used.retrieval,
-                                                                                 ranker=used.ranker),
-                             model_version=used.model_version, assignments=used.assignments,
-                             canary=bool(used.canary)))
+        # ScoreResponse's fields (see _json_content).
+        return _json_content({
+            "request_id": uuid.uuid4().hex,
+            "scores": [{"item_id": i, "score": s} for i, s in zip(ids, scores, strict=True)],
+            "unknown_items": unknown, "model_versions": {"retrieval": used.retrieval, "ranker": used.ranker},
+            "model_version": used.model_version, "assignments": used.assignments, "canary": bool(used.canary)})
 
     score.__annotations__["body"] = bounded_score_request(settings.max_item_ids)
     app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)(score)
@@ -289,6 +314,9 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     @app.put("/admin/experiments", response_model=ExperimentsBody, responses={**_ADMIN_ERRORS, **_ERRORS},
              dependencies=[Depends(admin)])
     async def put_experiments(body: ExperimentsBody) -> Any:
+        if settings.workers > 1 and settings.experiments is None:
+            raise HTTPException(409, f"with workers={settings.workers} experiments must live in a file the workers "
+                                     "share: restart with --experiments FILE")
         try:
             experiments = experiments_from(body.model_dump())
             await asyncio.get_running_loop().run_in_executor(None, svc.set_experiments, experiments)
@@ -333,7 +361,53 @@ def run(settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.admin_token:
         log.warning("%s is not set: admin routes (reload, experiments, rollback) are disabled", ADMIN_TOKEN_ENV)
+    if settings.workers > 1:
+        _run_workers(settings)
+        return
     app = create_app(settings)
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
                     lifespan="on")
+
+
+def _run_workers(settings: ServeSettings) -> None:
+    """`settings.workers` processes accepting on one listening socket (uvicorn's supervisor restarts any that die).
+
+    Shared by the workers: the events store (one SQLite file in WAL mode; every accepted event is durable there
+    whichever worker took it, and each worker reads the others' events into its per-user memory every
+    SEEN_SYNC_S), the experiments file (re-read on the poll when another worker changed it) and the registry
+    (alias moves and canary rollbacks reach every worker on its next poll). Per worker: the loaded models, the
+    micro-batches, the canary window (each judges the canary on the requests it served) and the /metrics series
+    (a scrape sees the worker that answered it).
+
+    The socket is made here rather than by uvicorn: uvicorn's own leaves the protocol unset, so asyncio does not
+    set TCP_NODELAY on the accepted connections, and every keep-alive response then waits ~40 ms for a delayed
+    ACK (Nagle's algorithm).
+    """
+    import socket
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
+    config = uvicorn.Config("recforge.serve.app:worker_app", factory=True, workers=settings.workers,
+                            host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                            lifespan="on")
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}; choose another --port"
+                      ) from None
+    log.info("serving with %d worker processes on %s:%d", settings.workers, settings.host, settings.port)
+    with contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=[sock]).run()
+
+
+def worker_app() -> FastAPI:
+    """One worker process's app, built from the settings the parent read (uvicorn calls this in each worker)."""
+    settings = ServeSettings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings)

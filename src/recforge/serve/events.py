@@ -111,11 +111,28 @@ class EventStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
-    def recent(self, limit: int) -> list[tuple[str, Any, Any]]:
-        """The last `limit` events as (type, user_id, item_id), oldest first: to rebuild per-user memory."""
+    def last_id(self) -> int:
+        """The id of the newest event, which is the number stored: rows are only ever appended, and ids are
+        AUTOINCREMENT (dense, never reused). Unlike COUNT(*) it costs one index lookup, and it sees the rows
+        every process sharing the file has committed."""
         with self._lock:
-            rows = self._db.execute("SELECT type, user_id, item_id FROM events ORDER BY id DESC LIMIT ?",
-                                    (int(limit),)).fetchall()
+            return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+
+    def since(self, after_id: int, limit: int = 100_000) -> tuple[list[tuple[str, Any, Any]], int]:
+        """Events newer than `after_id` as (type, user_id, item_id), oldest first, and the id to continue from:
+        how one server process learns what the others stored."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, type, user_id, item_id FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                                    (int(after_id), int(limit))).fetchall()
+        last = rows[-1][0] if rows else after_id
+        return [(t, json.loads(u), json.loads(i)) for _, t, u, i in rows], int(last)
+
+    def recent(self, limit: int, upto_id: int | None = None) -> list[tuple[str, Any, Any]]:
+        """The last `limit` events (up to id `upto_id`) as (type, user_id, item_id), oldest first: to rebuild
+        per-user memory."""
+        with self._lock:
+            rows = self._db.execute("SELECT type, user_id, item_id FROM events WHERE id <= ? ORDER BY id DESC LIMIT ?",
+                                    (2**63 - 1 if upto_id is None else int(upto_id), int(limit))).fetchall()
         return [(t, json.loads(u), json.loads(i)) for t, u, i in reversed(rows)]
 
     def close(self) -> None:

@@ -176,6 +176,7 @@ class Service:
         self.metrics = ServeMetrics()
         self.snapshot: Snapshot | None = None
         self.last_error: str | None = None
+        self._experiments_mtime = _mtime(settings.experiments)
         self.experiments: tuple[ab.Experiment, ...] = (
             load_experiments_file(settings.experiments) if settings.experiments else ())
         self.executor = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="recforge-model")
@@ -183,9 +184,13 @@ class Service:
         self.batcher: MicroBatcher[Job, Served] = MicroBatcher(self._run_batch, self.executor,
                                                                settings.model_threads, settings.max_batch)
         self.events = EventStore(settings.events_dir)
-        self.events_total = self.events.count()
+        # Where this process has read the shared events store up to: with several workers, each learns of the
+        # events the others stored by reading on from here (sync_seen).
+        self._events_cursor = self.events.last_id()
+        self.events_total = self._events_cursor
         self.seen = SeenItems(settings.seen_per_user, settings.seen_users)
-        self.seen.add(self.events.recent(min(1_000_000, settings.seen_per_user * settings.seen_users)))
+        self.seen.add(self.events.recent(min(1_000_000, settings.seen_per_user * settings.seen_users),
+                                         self._events_cursor))
         self._reload_lock = threading.Lock()
         self._canary_lock = threading.Lock()
         self._monitors: dict[tuple[str, int], CanaryMonitor] = {}
@@ -297,6 +302,21 @@ class Service:
         self.reload(experiments)
         if self.settings.experiments is not None:
             write_text(self.settings.experiments, yaml.safe_dump(experiments_to(experiments), sort_keys=False))
+            self._experiments_mtime = _mtime(self.settings.experiments)
+
+    def follow_experiments_file(self) -> bool:
+        """Take up experiments another worker wrote to the shared experiments file (PUT /admin/experiments went
+        to one worker); returns whether they changed. Runs on the registry poll when there are several workers."""
+        path = self.settings.experiments
+        mtime = _mtime(path)
+        if path is None or mtime is None or mtime == self._experiments_mtime:
+            return False
+        experiments = load_experiments_file(path)
+        self._experiments_mtime = mtime
+        if experiments == self.experiments:
+            return False
+        self.reload(experiments)
+        return True
 
     def ready(self) -> Snapshot:
         if self.snapshot is None:
@@ -445,19 +465,39 @@ class Service:
         return out
 
     def store_events(self, events: Sequence[StoredEvent], seen: Sequence[tuple[str, RawId, RawId]]) -> int:
-        """Runs in the events thread: durable first, then remembered for exclude_seen."""
-        self.events_total += self.events.append(events)
-        self.seen.add(seen)
+        """Runs in the events thread: durable first, then remembered for exclude_seen. Returns the number of
+        events stored (by every worker)."""
+        self.events.append(events)
+        if self.settings.workers > 1:
+            self.sync_seen()  # reads this batch back in order with whatever the other workers stored meanwhile
+        else:
+            self.events_total += len(events)
+            self._events_cursor = self.events_total
+            self.seen.add(seen)
         for type_ in ("impression", "click"):
             count = sum(1 for event in events if event.type == type_)
             if count:
                 self.metrics.events.labels(type_).inc(count)
         return self.events_total
 
+    def sync_seen(self) -> None:
+        """Runs in the events thread: remember the events stored since the last call by any worker (all of them
+        write the same store), so exclude_seen and histories hold whichever worker took the events."""
+        rows, self._events_cursor = self.events.since(self._events_cursor)
+        self.seen.add(rows)
+        self.events_total = max(self.events_total, self._events_cursor)
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.events_executor.shutdown(wait=True)
         self.events.close()
+
+
+def _mtime(path: Path | None) -> int | None:
+    try:
+        return None if path is None else path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _plain(value: Any) -> Any:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ENV_PREFIX = "RECFORGE_SERVE_"
 ADMIN_TOKEN_ENV = "RECFORGE_ADMIN_TOKEN"
@@ -36,7 +36,14 @@ class ServeSettings(BaseModel):
     max_k: int = Field(100, ge=1, le=1000)
     max_item_ids: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
-    # Model calls run in this many threads (FAISS and torch release the GIL); each uses one core.
+    # Server processes sharing the port. One process runs its Python (HTTP, glue) on one core at a time
+    # (the GIL), so on a multi-core machine throughput grows with workers; each loads its own copy of the
+    # models. Workers share the events store and the experiments file, and follow each other's alias
+    # moves, canary rollbacks and experiment changes on their registry poll (see serve/app.py).
+    workers: int = Field(1, ge=1, le=64)
+    # Model calls run in this many threads per worker (FAISS and torch release the GIL); each uses one core.
+    # Unset: 2, or fewer when the workers would otherwise hold more model threads than the machine has cores
+    # (2 workers on 2 cores: 1 each; measured in bench/serve_load.py, more threads only queue for the cores).
     model_threads: int = Field(2, ge=1, le=64)
     # Requests queued while a model call runs are merged into the next call, up to this many.
     max_batch: int = Field(64, ge=1, le=4096)
@@ -52,6 +59,26 @@ class ServeSettings(BaseModel):
     seen_users: int = Field(100_000, ge=0)
     log_level: str = "info"
     admin_token: str | None = Field(None, repr=False, description=f"From the {ADMIN_TOKEN_ENV} environment variable.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_cores(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("model_threads") is None:
+            try:
+                workers = max(1, int(data.get("workers") or 1))
+            except (TypeError, ValueError):
+                return data  # the field validation reports the bad value
+            data = {**data, "model_threads": min(2, max(1, (os.cpu_count() or 1) // workers))}
+        return data
+
+    @field_validator("poll_interval_s")
+    @classmethod
+    def _workers_follow_each_other(cls, value: float, info: ValidationInfo) -> float:
+        workers = info.data.get("workers", 1)
+        if workers > 1 and value == 0:
+            raise ValueError(f"must be > 0 with workers={workers}: each worker learns of alias moves, canary "
+                             "rollbacks and experiment changes made through another worker on its poll")
+        return value
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
