@@ -16,7 +16,7 @@ LEAVES = {"config", "runtime", "storage", "metrics", "losses"}
 FLOW = ["simulate", "data", "nn", "models", "train", "evaluate", "index", "recommend", "bundle", "registry",
         "serve", "experiments"]
 # Entry points compose the library; nothing in the library may import them.
-ENTRY_POINTS = {"cli", "jobs", "retrieval_jobs", "pipeline", "doctor", "serve.app", "__main__"}
+ENTRY_POINTS = {"cli", "jobs", "retrieval_jobs", "pipeline", "scenarios", "doctor", "serve.app", "__main__"}
 # The server loads bundles with torch alone: no training-side code.
 SERVER_FORBIDDEN = {"train", "models", "nn", "data.prepare", "data.validate", "data.sources", "jobs"}
 
