@@ -170,6 +170,20 @@ def test_promote_and_rollback_move_the_alias_and_record_history(tmp_path: Path, 
     assert not (tmp_path / "ranker" / ".aliases.lock").exists()
 
 
+def test_rolling_back_a_first_canary_withdraws_it(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    reg.publish(tmp_path, bundles["a"], "ranker")
+    reg.publish(tmp_path, bundles["a"], "ranker")
+    reg.promote(tmp_path, "ranker", 1)
+    reg.promote(tmp_path, "ranker", 2, alias="canary")
+    record = reg.rollback(tmp_path, "ranker", alias="canary", reason="error rate")
+    assert (record["alias"], record["from"], record["to"], record["action"]) == ("canary", 2, None, "rollback")
+    assert json.loads((tmp_path / "ranker" / "aliases.json").read_text()) == {"production": 1}
+    with pytest.raises(reg.RegistryError):
+        reg.resolve(tmp_path, "ranker", "canary")
+    with pytest.raises(reg.RegistryError, match="no promotion to roll back"):
+        reg.rollback(tmp_path, "ranker", alias="canary")  # the withdrawal is itself a rollback: nothing left
+
+
 def test_promote_refuses_missing_or_corrupted_versions(tmp_path: Path, bundles: dict[str, Path]) -> None:
     reg.publish(tmp_path, bundles["a"], "ranker")
     with pytest.raises(reg.RegistryError, match="no version 7"):

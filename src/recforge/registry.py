@@ -609,6 +609,8 @@ def rollback(root: str | Path | RegistryStore, model_name: str, alias: str = DEF
              reason: str = "") -> dict[str, Any]:
     """Move `alias` back to where it pointed before its last promotion; returns the history record.
 
+    An alias other than production whose last promotion was its first is removed (`to` is None).
+
     Rollbacks stack: each one undoes one earlier promotion (a rollback does not undo the previous
     rollback), so production 1 -> 2 -> 3 rolls back to 2, then to 1.
     """
@@ -633,8 +635,12 @@ def rollback(root: str | Path | RegistryStore, model_name: str, alias: str = DEF
         if not found:
             raise RegistryError(f"alias {alias!r} of {model!r} has no promotion to roll back")
         if target is None:
-            raise RegistryError(f"alias {alias!r} of {model!r} pointed at no version before its first promotion; "
-                                "promote another version instead")
+            if alias == DEFAULT_ALIAS:
+                # Withdrawing production would leave servers nothing to serve: that takes a promotion.
+                raise RegistryError(f"alias {alias!r} of {model!r} pointed at no version before its first "
+                                    "promotion; promote another version instead")
+            # Any other alias (a canary) that had no earlier version is withdrawn: no version gets its traffic.
+            return _move(store, model, alias, None, "rollback", reason)
         if target not in _committed(store, model):
             raise RegistryError(f"cannot roll {alias!r} back to version {target} of {model!r}: it is gone")
         _verified(store, model, int(target))

@@ -431,7 +431,7 @@ class Service:
                 try:
                     record = registry.rollback(self.settings.registry, name, alias="canary", reason=why)
                 except registry.RegistryError:
-                    # The alias had no earlier version to return to: point it at production, i.e. no canary.
+                    # Only when the registry cannot withdraw the alias: point it at production, i.e. no canary.
                     production = self._resolve(kind, self.settings.alias)
                     record = registry.promote(self.settings.registry, name, production, alias="canary", reason=why)
             self.metrics.canary_rollbacks.labels(kind).inc()
