@@ -50,7 +50,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from recforge.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".bench" / "serve_registry"
@@ -490,19 +491,13 @@ def run_in_process(route: str, duration: float, data: Path, registry: Path, alia
 # The server.
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def server(serve_args: list[str], log: Path, registry: Path) -> Iterator[tuple[str, int]]:
     """`recforge serve` on a free loopback port, ready (models loaded) when this yields its URL."""
     import urllib.error
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     events = Path(tempfile.mkdtemp(prefix="serve-load-events-"))
     cmd = [*_recforge(), "serve", "--registry", str(registry), "--port", str(port), "--events-dir", str(events),
            "--poll-interval-s", "60", "--set", "log_level=warning", *serve_args]

@@ -9,7 +9,7 @@ fails immediately instead of silently training with the default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -273,19 +273,38 @@ def from_dict(tree: dict[str, Any]) -> Config:
         raise ConfigError(_format_errors(exc)) from None
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply `key=value` overrides, validate strictly."""
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def read_tree(path: str | Path | None, overrides: list[str] | None = None, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping (empty for None) with `key=value` overrides merged in; `what` names the file in errors.
+
+    Every YAML config recforge reads (training, pipeline, simulate) comes through here, so they all
+    fail the same way on a missing file, broken YAML or a non-mapping.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"{what} not found: {p}")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"{what} {p} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+            raise ConfigError(f"{what} {p} must hold a mapping at the top level")
         tree = loaded
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return from_dict(tree)
+    return _merge(tree, parse_overrides(overrides or []))
+
+
+def validate_as(model: type[_M], tree: dict[str, Any], where: str) -> _M:
+    """`tree` validated as `model`; every error at once, prefixed with `where` (the file or section)."""
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_format_errors(exc)}") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply `key=value` overrides, validate strictly."""
+    return from_dict(read_tree(path, overrides))

@@ -176,16 +176,13 @@ class LocalStore:
 
     def create_if_absent(self, key: str, data: bytes | None = None) -> bool:
         path = self._path(key)
+        if data is not None:
+            return storage.create_if_absent(str(path), data)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if data is None:
-                os.mkdir(path)
-                return True
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.mkdir(path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
         return True
 
     def replace(self, key: str, data: bytes) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,18 +23,13 @@ import pytest
 import yaml
 
 from recforge import registry
+from recforge.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
 HEALTHCHECK = DOCKER / "healthcheck.py"
 TINY = ["data.generate.users=800", "data.generate.items=300", "data.generate.events=20000", "data.generate.days=6",
         "train.epochs=1", "train.batch_size=512", "train.progress=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

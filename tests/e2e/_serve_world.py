@@ -25,6 +25,8 @@ import pytest
 import torch
 from _cli import _recforge, run
 
+from recforge.runtime import free_port
+
 WORLD = ["data.generate.users=800", "data.generate.items=300", "data.generate.events=12000",
          "data.generate.days=6", "train.epochs=1", "train.batch_size=512", "train.progress=false"]
 TOKEN = "test-admin-token"
@@ -110,14 +112,6 @@ def serve_world(factory: pytest.TempPathFactory) -> World:
             _build(root)
     meta = json.loads((root / "world.json").read_text())
     return World(root, root / "bundles", meta["known_users"], meta["items"])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

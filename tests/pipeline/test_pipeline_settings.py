@@ -43,3 +43,16 @@ def test_a_retrieval_model_is_refused_before_anything_trains(tmp_path):
     path.write_text("events_dir: e\nstate_dir: s\nregistry: r\ntraining: {overrides: [model.name=two_tower]}\n")
     with pytest.raises(ConfigError, match="two_tower is not supported"):
         load_pipeline(path)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "pipeline config not found"),
+    ("events_dir: [unclosed", "pipeline config .* is not valid YAML"),
+    ("- a list, not a mapping", "pipeline config .* must hold a mapping"),
+])
+def test_unreadable_pipeline_files_fail_with_the_file_named(tmp_path, content, message):
+    path = tmp_path / "pipeline.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(path)

@@ -28,3 +28,16 @@ def test_the_shipped_config_loads():
 def test_bad_keys_are_named(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_simulate(None, [override])
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "simulate config not found"),
+    ("seed: [unclosed", "simulate config .* is not valid YAML"),
+    ("- a list", "simulate config .* must hold a mapping"),
+])
+def test_unreadable_simulate_files_fail_with_the_file_named(tmp_path, content, message):
+    path = tmp_path / "simulate.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_simulate(path)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from recforge import config as config_module
 from recforge.config import Config, ConfigError
@@ -88,19 +87,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     at the train step.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"pipeline config not found: {p}")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"pipeline config {p} is not valid YAML: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise ConfigError(f"pipeline config {p} must hold a mapping at the top level")
-    tree = config_module._merge(tree, config_module.parse_overrides(overrides or []))
-    try:
-        cfg = PipelineConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(f"{p}: {config_module._format_errors(exc)}") from None
+    cfg = config_module.validate_as(PipelineConfig, config_module.read_tree(p, overrides, "pipeline config"), str(p))
     try:
         training = cfg.training_config()
     except ConfigError as exc:

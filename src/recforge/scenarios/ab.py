@@ -54,12 +54,7 @@ def paired_lift(strong: DayTraffic, weak: DayTraffic, alpha: float) -> tuple[flo
 
 def run_ab(cfg: SimulateConfig, log: Log) -> dict[str, Any]:
     began = time.perf_counter()
-    root = harness.fresh_workdir(cfg)
-    world = harness.generate_world(cfg, log)
-    harness.prepare(cfg, log)
-    registry = root / "registry"
-    retrieval = harness.train_bundle(cfg, "retrieval", cfg.retrieval_overrides, log)
-    harness.publish(registry, retrieval, "retrieval", "production", "retrieval for the A/B")
+    root, world, registry = harness.offline_setup(cfg, log, "retrieval for the A/B")
     strong = harness.train_bundle(cfg, STRONG, cfg.ab.strong_overrides, log)
     weak = harness.train_bundle(cfg, WEAK, cfg.ab.weak_overrides, log)
     versions = {WEAK: harness.publish(registry, weak, "ranker", None, "weak arm"),

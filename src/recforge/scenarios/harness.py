@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from recforge.runtime import free_port
 from recforge.scenarios.settings import SimulateConfig
 from recforge.simulate.world import World
 from recforge.storage import write_text
@@ -85,12 +85,6 @@ def publish(registry_root: Path, bundle: Path, model: str, alias: str | None, no
     return version
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen[bytes]
@@ -107,7 +101,7 @@ class ServerProcess:
 def running_server(cfg: SimulateConfig, registry_root: Path, events_dir: Path, log: Log,
                    settings: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     """`recforge serve` on a free 127.0.0.1 port with a fresh admin token; stopped (SIGTERM) on exit."""
-    port = _free_port()
+    port = free_port()
     token = secrets.token_hex(16)
     merged = {"poll_interval_s": "0", **(settings or {}), **cfg.server}
     args = [*recforge_command(), "serve", "--registry", str(registry_root), "--host", "127.0.0.1", "--port",
@@ -158,3 +152,15 @@ def pipeline_run(config: Path, overrides: list[str], cwd: Path, log: Log) -> dic
         why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"recforge pipeline run {' '.join(overrides)} exited {proc.returncode}: {why}")
     return json.loads(lines[-1])
+
+
+def offline_setup(cfg: SimulateConfig, log: Log, retrieval_note: str) -> tuple[Path, World, Path]:
+    """What both scenarios start from: a fresh workdir, the world and its offline log prepared, and the
+    two-tower retrieval model trained on it and published as production. Returns (root, world, registry)."""
+    root = fresh_workdir(cfg)
+    world = generate_world(cfg, log)
+    prepare(cfg, log)
+    registry = root / "registry"
+    retrieval = train_bundle(cfg, "retrieval", cfg.retrieval_overrides, log)
+    publish(registry, retrieval, "retrieval", "production", retrieval_note)
+    return root, world, registry

@@ -86,12 +86,7 @@ def _decision(summary: dict[str, Any]) -> dict[str, Any]:
 
 def run_loop(cfg: SimulateConfig, log: Log) -> dict[str, Any]:
     began = time.perf_counter()
-    root = harness.fresh_workdir(cfg)
-    world = harness.generate_world(cfg, log)
-    harness.prepare(cfg, log)
-    registry = root / "registry"
-    retrieval = harness.train_bundle(cfg, "retrieval", cfg.retrieval_overrides, log)
-    harness.publish(registry, retrieval, "retrieval", "production", "retrieval, trained on the offline log")
+    root, world, registry = harness.offline_setup(cfg, log, "retrieval, trained on the offline log")
 
     offline = root / "events" / "offline"
     offline.mkdir(parents=True)

@@ -11,8 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from recforge import config as config_module
 from recforge.config import Config, ConfigError
@@ -95,22 +94,8 @@ class SimulateConfig(_Strict):
 
 def load_simulate(path: str | Path | None, overrides: list[str] | None = None) -> SimulateConfig:
     """Read and validate a simulate YAML (None: the defaults) plus key=value overrides; all errors at once."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"simulate config not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"simulate config {p} is not valid YAML: {exc}") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError(f"simulate config {p} must hold a mapping at the top level")
-    tree = config_module._merge(tree, config_module.parse_overrides(overrides or []))
-    try:
-        cfg = SimulateConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(f"{path or 'simulate config'}: {config_module._format_errors(exc)}") from None
+    tree = config_module.read_tree(path, overrides, "simulate config")
+    cfg = config_module.validate_as(SimulateConfig, tree, str(path or "simulate config"))
     try:
         cfg.train_config()
     except ConfigError as exc:
