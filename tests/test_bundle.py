@@ -308,3 +308,58 @@ def test_export_to_s3_uploads_a_verified_bundle_and_never_overwrites(work: Path,
                                reference.score(rows.categorical, rows.numeric), atol=1e-5, rtol=0)
     again = _recforge("export", "--run", str(work / "dnn"), "--out", uri, cwd=work)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_an_unlisted_vocabulary_is_never_read(work: Path, tmp_path: Path) -> None:
+    root = _copy(work, "dnn", tmp_path)
+    original = bundle.load_bundle(root).vocab["item_id"].keys
+    fake = {**json.loads((root / "vocab" / "item_id.json").read_text()), "keys": ["planted"]}
+    (root / "vocab" / "zz_item_id.json").write_text(json.dumps(fake))
+    assert bundle.load_bundle(root).vocab["item_id"].keys == original
+    with pytest.raises(bundle.BundleError, match="does not list: vocab/zz_item_id.json"):
+        bundle.verify_bundle(root, bundle.read_manifest(root), exact=True)
+
+
+def test_two_listed_vocabularies_for_one_field_are_refused(work: Path, tmp_path: Path) -> None:
+    root = _copy(work, "dnn", tmp_path)
+    shutil.copyfile(root / "vocab" / "item_id.json", root / "vocab" / "zz_item_id.json")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"] = bundle._manifest_files(root)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(bundle.BundleError, match="second vocabulary for field 'item_id'"):
+        bundle.load_bundle(root)
+
+
+@pytest.mark.parametrize("dropped", ["model.pt", "features.json", "item_features.npy", "popularity/overall.npy",
+                                     "model.onnx", "vocab/*"])
+def test_a_manifest_missing_a_required_file_is_refused(work: Path, tmp_path: Path, dropped: str) -> None:
+    root = _copy(work, "dnn", tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items()
+                         if not (k == dropped or (dropped == "vocab/*" and k.startswith("vocab/")))}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "model.pt").write_bytes(b"corrupt")  # unlisted, so nothing would have checked it
+    with pytest.raises(bundle.BundleError, match=rf"does not list {dropped.replace('*', '[*]')}"):
+        bundle.load_bundle(root)
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "{tmp}/absolute.json", "vocab/../../outside.json"])
+def test_manifest_paths_outside_the_bundle_are_refused(work: Path, tmp_path: Path, name: str) -> None:
+    root = _copy(work, "dnn", tmp_path)
+    name = name.format(tmp=tmp_path)
+    outside = root / name  # an absolute name replaces root
+    outside.write_text("{}")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"][name] = bundle.sha256_file(outside)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(bundle.BundleError, match="does not stay inside"):
+        bundle.load_bundle(root)
+
+
+@pytest.mark.parametrize(("cut", "why"), [(200, "Unterminated string"), (0, "empty")])
+def test_a_truncated_manifest_is_named(tmp_path: Path, cut: int, why: str) -> None:
+    root = tmp_path / "old"
+    shutil.copytree(FIXTURES / "bundle_schema1", root)
+    (root / "manifest.json").write_bytes((root / "manifest.json").read_bytes()[:cut])
+    with pytest.raises(ValueError, match=f"{root / 'manifest.json'}: .*{why}"):
+        bundle.load_bundle(root)

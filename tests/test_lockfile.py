@@ -82,3 +82,97 @@ def test_torch_is_pinned_to_2_13_0():
              if normalize(re.split(r"[=<>!~ ;\[]", line.strip(), maxsplit=1)[0]) == "torch"]
     assert lines == ["torch==2.13.0"]
     assert parse_lock((REQUIREMENTS / "lock.txt").read_text())["torch"] == "2.13.0"
+
+
+# --- make audit: known vulnerabilities of the locks ------------------------------------------------
+
+
+def _audit_module():
+    """requirements/audit.py is a standalone script (stdlib only), loaded by path."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("lock_audit", REQUIREMENTS / "audit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(*dependencies: dict) -> str:
+    import json
+
+    return json.dumps({"dependencies": list(dependencies), "fixes": []})
+
+
+PINS = {"requests": "2.31.0", "idna": "3.6"}
+
+
+def test_audit_is_clean_only_when_every_pin_was_looked_up():
+    audit = _audit_module()
+    verdict = audit.classify(_report({"name": "requests", "version": "2.31.0", "vulns": []},
+                                     {"name": "idna", "version": "3.6", "vulns": []}), PINS)
+    assert (verdict.status, verdict.exit_code, verdict.audited) == ("clean", 0, 2)
+    # pip-audit's own answer when its database knows none of the pins: "No known vulnerabilities", exit 0.
+    all_skipped = _report(*({"name": n, "skip_reason": f"Dependency not found on PyPI and could not be audited: {n}"}
+                            for n in PINS))
+    verdict = audit.classify(all_skipped, PINS)
+    assert (verdict.status, verdict.exit_code, verdict.audited) == ("unknown", 2, 0)
+    assert [line.split(":")[0] for line in verdict.unaudited] == ["requests", "idna"]
+    # A pin the report leaves out, an empty report, no report, a report in another format: unknown.
+    verdict = audit.classify(_report({"name": "Requests", "version": "2.31.0", "vulns": []}), PINS)
+    assert verdict.status == "unknown" and verdict.unaudited == ["idna: not in pip-audit's report"]
+    assert audit.classify(_report(), PINS).status == "unknown"
+    verdict = audit.classify(None, PINS, "pip-audit exited 1: ConnectionError: api.osv.dev")
+    assert verdict.status == "unknown" and "ConnectionError" in verdict.lines()[0] and len(verdict.unaudited) == 2
+    for bad in ("", "[]", '{"dependencies": {}}', '{"dependencies": [{"version": "1"}]}',
+                '{"dependencies": [{"name": "requests", "vulns": "none"}, {"name": "idna", "vulns": []}]}'):
+        assert audit.classify(bad, PINS).status == "unknown", bad
+
+
+def test_audit_reports_a_vulnerability_even_when_other_pins_were_not_looked_up():
+    audit = _audit_module()
+    finding = {"id": "GHSA-9wx4-h78v-vm56", "fix_versions": ["2.32.0"], "aliases": ["CVE-2024-35195"],
+               "description": "..."}
+    verdict = audit.classify(_report({"name": "requests", "version": "2.31.0", "vulns": [finding]},
+                                     {"name": "idna", "skip_reason": "not found"}), PINS)
+    assert (verdict.status, verdict.exit_code) == ("vulnerable", 1)
+    assert verdict.vulnerable == ["requests 2.31.0: GHSA-9wx4-h78v-vm56 (fixed in: 2.32.0)"]
+    assert verdict.unaudited == ["idna: not found"]
+
+
+def test_audit_reads_every_pin_of_the_locks():
+    audit = _audit_module()
+    assert audit.locked_pins("# c\n--find-links x\nTyping_Extensions==4.16.0  # why\ntorch===2.13.0\n"
+                             "pydantic[email]==2.14.4 ; python_version >= '3.11'\n") == \
+        {"typing-extensions": "4.16.0", "torch": "2.13.0", "pydantic": "2.14.4"}
+    for lock in LOCKS:
+        text = (REQUIREMENTS / lock).read_text()
+        assert audit.locked_pins(text) == parse_lock(text), lock
+
+
+def _pip_audit() -> str | None:
+    import shutil
+
+    local = REQUIREMENTS.parent / ".audit-tools" / "bin" / "pip-audit"
+    return str(local) if local.is_file() else shutil.which("pip-audit")
+
+
+def test_real_pip_audit_with_an_unreachable_database_says_unknown(tmp_path):
+    """pip-audit itself, pointed at an OSV endpoint nothing listens on: the verdict is unknown, exit 2."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pip_audit = _pip_audit()
+    if pip_audit is None:
+        pytest.skip("pip-audit is not installed (make audit installs it into .audit-tools); the rules above ran")
+    lock = tmp_path / "lock.txt"
+    lock.write_text("requests==2.31.0\nidna==3.6\n")
+    proc = subprocess.run([sys.executable, str(REQUIREMENTS / "audit.py"), "--pip-audit", pip_audit,
+                           "--service", "osv", "--osv-url", "http://127.0.0.1:9/v1/query", "--timeout", "2",
+                           str(lock)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("audit: unknown: 0 pins looked up"), proc.stderr
+    assert "clean" not in proc.stdout + proc.stderr

@@ -255,3 +255,87 @@ def test_cli_round_trip(tmp_path: Path, bundles: dict[str, Path]) -> None:
     refused = _cli("publish", "ranker", str(bad), "--registry", root)
     assert refused.returncode == 1 and "does not match manifest.json" in refused.stderr
     assert refused.stderr.strip().count("\n") == 0
+
+
+def test_publish_refuses_links_and_files_the_manifest_does_not_list(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    root = tmp_path / "registry"
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0")
+    linked = tmp_path / "linked"
+    shutil.copytree(bundles["a"], linked)
+    (linked / "passwd").symlink_to(secret)
+    with pytest.raises(BundleError, match="passwd is a symbolic link"):
+        reg.publish(root, linked, "ranker")
+    extra = tmp_path / "extra"
+    shutil.copytree(bundles["a"], extra)
+    vocab = json.loads((extra / "vocab" / "user_id.json").read_text())
+    (extra / "vocab" / "zz_user_id.json").write_text(json.dumps({**vocab, "keys": ["z"]}))
+    with pytest.raises(BundleError, match="does not list: vocab/zz_user_id.json"):
+        reg.publish(root, extra, "ranker")
+    assert not root.exists()
+
+
+def test_store_copy_refuses_links_even_past_publish(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    linked = tmp_path / "linked"
+    shutil.copytree(bundles["a"], linked)
+    (linked / "certs").symlink_to(tmp_path, target_is_directory=True)
+    store = reg.LocalStore(tmp_path / "registry")
+    assert store.create_if_absent("ranker/versions/1")
+    with pytest.raises(OSError, match="certs is a symbolic link"):
+        store.put_dir(linked, "ranker/versions/1", {})
+    assert list((tmp_path / "registry" / "ranker" / "versions" / "1").iterdir()) == []
+
+
+def test_promote_refuses_a_version_with_a_file_dropped_in(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    reg.publish(tmp_path, bundles["a"], "ranker")
+    stored = tmp_path / "ranker" / "versions" / "1"
+    (stored / "vocab" / "zz_item_id.json").write_text("{}")
+    with pytest.raises(reg.RegistryError, match="refusing 'ranker' version 1: .*vocab/zz_item_id.json"):
+        reg.promote(tmp_path, "ranker", 1)
+    (stored / "vocab" / "zz_item_id.json").unlink()
+    assert reg.promote(tmp_path, "ranker", 1)["to"] == 1  # the registry's own files are no intruders
+
+
+def test_a_torn_history_line_is_reported_and_the_rest_kept(tmp_path: Path, bundles: dict[str, Path],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    for _ in range(3):
+        reg.publish(tmp_path, bundles["a"], "ranker")
+    reg.promote(tmp_path, "ranker", 1)
+    reg.promote(tmp_path, "ranker", 2)
+    path = tmp_path / "ranker" / "history.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"alias": "production", "fr')  # torn outside recforge, no newline
+    reg.promote(tmp_path, "ranker", 3, reason="after the tear")
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 4 and json.loads(lines[3])["reason"] == "after the tear"
+    with caplog.at_level("WARNING", logger="recforge.registry"):
+        moves = reg.history(tmp_path, "ranker")
+    assert [(m["from"], m["to"]) for m in moves] == [(None, 1), (1, 2), (2, 3)]
+    assert f"{path} line 3" in caplog.text
+    assert reg.rollback(tmp_path, "ranker")["to"] == 2
+
+
+@pytest.mark.parametrize("content", [b'{"production": 1, "can', b"", b'{"production": 1, "\xff": 2}'])
+def test_a_damaged_aliases_file_is_named(tmp_path: Path, bundles: dict[str, Path], content: bytes) -> None:
+    reg.publish(tmp_path, bundles["a"], "ranker")
+    (tmp_path / "ranker" / "aliases.json").write_bytes(content)
+    with pytest.raises(ValueError, match="aliases.json: (not valid JSON|empty|not UTF-8)"):
+        reg.resolve(tmp_path, "ranker", "production")
+    (tmp_path / "ranker" / "aliases.json").unlink()
+    manifest = tmp_path / "ranker" / "versions" / "1" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"manifest.json: not valid JSON \(Unterminated string"):
+        reg.show(tmp_path, "ranker", 1)
+
+
+def test_names_and_versions_are_checked_whole(tmp_path: Path, bundles: dict[str, Path]) -> None:
+    with pytest.raises(reg.RegistryError, match="invalid model name"):
+        reg.publish(tmp_path, bundles["a"], "ranker\n")
+    reg.publish(tmp_path, bundles["a"], "ranker")
+    with pytest.raises(reg.RegistryError, match="invalid alias"):
+        reg.promote(tmp_path, "ranker", 1, alias="canary\n")
+    for version in ("²", "v²", "١"):
+        with pytest.raises(reg.RegistryError, match="ASCII digits"):
+            reg.resolve(tmp_path, "ranker", version)
+    (tmp_path / "ranker" / "versions" / "²").mkdir()  # a stray slot name is not a version
+    assert [v.number for v in reg.list_versions(tmp_path, "ranker")] == [1]
+    assert not (tmp_path / "ranker" / "aliases.json").exists()

@@ -57,3 +57,47 @@ def test_uris_name_local_or_remote_places():
     assert not storage.is_remote("/tmp/x") and not storage.is_remote("file:///tmp/x")
     assert storage.join("s3://bucket/runs/", "a", "b/") == "s3://bucket/runs/a/b"
     assert str(storage.join("file:///tmp/r", "a")) == "/tmp/r/a"
+
+
+def test_put_dir_refuses_a_symbolic_link_instead_of_copying_its_target(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the tree")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a")
+    (src / "passwd").symlink_to(secret)
+    with pytest.raises(storage.StorageError, match=r"passwd is a symbolic link"):
+        storage.put_dir(src, tmp_path / "dst")
+    (src / "passwd").unlink()
+    (src / "certs").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(storage.StorageError, match=r"certs is a symbolic link"):
+        storage.put_dir(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/tmp/outside.txt", "sub/../../outside.txt", "a//b"])
+def test_get_dir_refuses_marker_names_outside_the_target(tmp_path, name):
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "outside.txt").write_text("x")
+    entry = {"sha256": storage.sha256_file(tmp_path / "outside.txt"), "size": 1}
+    storage.write_json(src / storage.COMMIT_MARKER, {"format": 1, "files": {name: entry}})
+    with pytest.raises(storage.StorageError, match="does not stay inside the directory"):
+        storage.get_dir(src, tmp_path / "out" / "copy")
+    assert not (tmp_path / "out").exists()  # refused before anything was created
+    assert (tmp_path / "outside.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize(("content", "why"), [(b'{"files": {"a": "unterminated', "not valid JSON"),
+                                               (b"", "empty"), (b'{"a": "\xff"}', "not UTF-8")])
+def test_a_damaged_json_file_is_named_in_the_error(tmp_path, content, why):
+    path = tmp_path / "manifest.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=why) as err:
+        storage.read_json(path)
+    assert str(path) in str(err.value)
+    storage.write_json(tmp_path / "d" / "x.txt", 1)  # a committed dir whose marker is damaged, named too
+    (tmp_path / "d" / storage.COMMIT_MARKER).write_bytes(content)
+    with pytest.raises(ValueError, match=why) as err:
+        storage.read_marker(tmp_path / "d")
+    assert storage.COMMIT_MARKER in str(err.value)

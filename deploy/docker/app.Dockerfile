@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1.7
+# syntax=docker/dockerfile:1.7@sha256:a57df69d0ea827fb7266491f2813635de6f17269be881f696fbfdf2d83dda33e
 # recforge app image: the base image + recforge and its locked dependencies. Serves by default; every
 # other command (`train`, `export`, `registry ...`) runs by naming it:
 #   docker buildx build -f deploy/docker/app.Dockerfile --build-arg BASE_IMAGE=recforge-base:2.13.0-cu130 \

@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1.7
+# syntax=docker/dockerfile:1.7@sha256:a57df69d0ea827fb7266491f2813635de6f17269be881f696fbfdf2d83dda33e
 # recforge base image: NVIDIA's CUDA base, Python 3.11 and the torch build pinned in the CUDA lock; nothing else.
 # The app image adds recforge on top, so this layer (the ~4 GB CUDA stack) is rebuilt only when the lock's
 # torch pins change.

@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1.7
+# syntax=docker/dockerfile:1.7@sha256:a57df69d0ea827fb7266491f2813635de6f17269be881f696fbfdf2d83dda33e
 # recforge dev image: the app image + JupyterLab, the test/lint tools of dev-lock.txt (pytest, ruff, debugpy,
 # ipykernel) and native debuggers. Still non-root; serves JupyterLab on 8888 (token printed in the log).
 #   docker buildx build -f deploy/docker/dev.Dockerfile --build-arg APP_IMAGE=recforge-app:0.1.0 -t recforge-dev:0.1.0 .

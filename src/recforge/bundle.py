@@ -8,8 +8,10 @@ without the training data: the item catalog (each item row's item-side features)
 counts from the training positives (overall and per context value) for cold start. Optionally the
 model is also exported as ONNX (for a two-tower model, its user tower too), checked against the
 eager model with onnxruntime at export time. `manifest.json` lists every file with its sha256 and
-is written last; the whole directory is built under a temporary sibling name and renamed into
-place, so a reader never sees a half-written bundle.
+is written last; which files must be listed follows from the schema (`required_files`), every listed
+name stays inside the bundle, and loading reads only listed files (vocabularies too are enumerated
+from the manifest), so a file dropped in beside them is never used. The whole directory is built
+under a temporary sibling name and renamed into place, so a reader never sees a half-written bundle.
 
 Loading (`load_bundle`) needs torch (plus numpy, and faiss for a retrieval bundle) and nothing of
 recforge's training side: the server imports this module, so its imports stay to the leaves and
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from recforge.runtime import env_fingerprint
-from recforge.storage import read_json, save_array, sha256_file, write_json
+from recforge.storage import StorageError, check_relative, read_json, refuse_links, save_array, sha256_file, write_json
 
 if TYPE_CHECKING:
     from recforge.index import ItemIndex
@@ -50,6 +52,12 @@ INDEX_DIR = "index"
 ITEM_FEATURES_FILE = "item_features.npy"
 POPULARITY_DIR = "popularity"
 POPULARITY_OVERALL = "overall"
+VOCAB_DIR = "vocab"
+# Files every bundle of every readable schema has; what else it needs follows from its manifest
+# (kind, catalog, popularity, ONNX graphs). Nothing a loader reads may be missing from the manifest.
+BASE_FILES = (MODEL_FILE, "features.json", "config.json", "metrics.json", "data.json", "env.json")
+# recforge.index's META_FILE and INDEX_FILE under INDEX_DIR (not imported: that module needs faiss).
+INDEX_FILES = (f"{INDEX_DIR}/index.json", f"{INDEX_DIR}/index.faiss")
 FORMATS = ("torchscript", "onnx")
 # The vocabulary file format this module reads (recforge.data.vocab writes it).
 VOCAB_SCHEMA_VERSION = 1
@@ -456,8 +464,8 @@ def write_bundle(
         raise ValueError(f"formats must include 'torchscript' and be among {FORMATS}, got {list(formats)}")
     popularity = dict(popularity or {})
     _check_tables(item_features, popularity)
-    vocab_files = sorted(Path(vocab_dir).glob("*.json"))
-    if not vocab_files:
+    vocab_paths = sorted(Path(vocab_dir).glob("*.json"))
+    if not vocab_paths:
         raise FileNotFoundError(f"no vocabulary files (*.json) in {vocab_dir}")
     model = model.cpu().eval()
     scripted = torch.jit.script(model)
@@ -486,9 +494,9 @@ def write_bundle(
                 "parity_rows": int(parity_inputs[0].shape[0]), "onnxruntime": onnxruntime.__version__,
                 "parity_max_abs_diff": _onnx_parity(model, graphs, parity_inputs),
             }
-        (tmp / "vocab").mkdir()
-        for path in vocab_files:
-            shutil.copyfile(path, tmp / "vocab" / path.name)
+        (tmp / VOCAB_DIR).mkdir()
+        for path in vocab_paths:
+            shutil.copyfile(path, tmp / VOCAB_DIR / path.name)
         write_json(tmp / "features.json", dict(features))
         write_json(tmp / "config.json", dict(config))
         write_json(tmp / "metrics.json", dict(metrics))
@@ -537,10 +545,63 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_bundle(path: Path, manifest: Mapping[str, Any]) -> None:
-    """Every file the manifest lists must exist and hash to its recorded sha256."""
+def vocab_files(manifest: Mapping[str, Any]) -> list[str]:
+    """The vocabulary files a bundle has: those its manifest lists under vocab/ (never a directory glob,
+    which would pick up any file dropped in beside them)."""
+    files = manifest.get("files")
+    return sorted(name for name in files if name.startswith(f"{VOCAB_DIR}/") and name.endswith(".json")
+                  and name.count("/") == 1) if isinstance(files, Mapping) else []
+
+
+def required_files(manifest: Mapping[str, Any]) -> list[str]:
+    """Every file a loader reads from this bundle: fixed by its schema, kind and the tables it names."""
+    kind = manifest.get("kind")
+    required = list(BASE_FILES)
+    if kind == "retrieval":
+        required += INDEX_FILES
+    # Schema 1 kept the catalog in retrieval bundles only, unnamed in the manifest.
+    catalog = manifest.get("item_features", ITEM_FEATURES_FILE if kind == "retrieval" else None)
+    if catalog:
+        required.append(str(catalog))
+    required += [str(f) for f in (manifest.get("popularity") or {}).values()]
+    required += [str(f) for f in ((manifest.get("onnx") or {}).get("files") or {})]
+    return required
+
+
+def verify_bundle(path: Path, manifest: Mapping[str, Any], *, exact: bool = False,
+                  allowed_extra: Sequence[str] = ()) -> None:
+    """Every file the bundle needs must be listed in the manifest, and every listed file must stay
+    inside the bundle, exist and hash to its recorded sha256.
+
+    With `exact`, the directory must hold nothing else (besides `allowed_extra`, such as a registry's
+    own records) and no symbolic link: what is published or promoted is then exactly what was hashed.
+    """
     root = Path(path)
-    for name, expected in manifest["files"].items():
+    files = manifest.get("files")
+    if not isinstance(files, Mapping):
+        raise BundleError(f"bundle {root}: {MANIFEST} has no 'files' table")
+    try:
+        for name in files:
+            check_relative(name, root / MANIFEST)
+        if exact:
+            refuse_links(root)
+    except StorageError as exc:
+        raise BundleError(str(exc)) from None
+    missing = [name for name in required_files(manifest) if name not in files]
+    if not vocab_files(manifest):
+        missing.append(f"{VOCAB_DIR}/*.json")
+    if missing:
+        raise BundleError(f"bundle {root}: {MANIFEST} does not list {', '.join(missing)}, which a "
+                          f"{manifest.get('kind')} bundle of schema {manifest.get('schema_version')} needs; "
+                          "the bundle is incomplete or was modified")
+    if exact:
+        known = {*files, MANIFEST, *allowed_extra}
+        extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                       if p.is_file() and p.relative_to(root).as_posix() not in known)
+        if extra:
+            raise BundleError(f"bundle {root} holds files its {MANIFEST} does not list: {', '.join(extra[:5])}"
+                              f"{' ...' if len(extra) > 5 else ''}; the bundle was modified")
+    for name, expected in files.items():
         file = root / name
         if not file.is_file():
             raise BundleError(f"bundle {root} is incomplete: {name} is listed in {MANIFEST} but missing")
@@ -550,10 +611,15 @@ def verify_bundle(path: Path, manifest: Mapping[str, Any]) -> None:
                               f"found {found}); the bundle is corrupt or was modified")
 
 
-def _load_vocab(directory: Path) -> dict[str, VocabTable]:
+def _load_vocab(root: Path, manifest: Mapping[str, Any]) -> dict[str, VocabTable]:
     tables: dict[str, VocabTable] = {}
-    for path in sorted(directory.glob("*.json")):
+    for name in vocab_files(manifest):
+        path = root / name
         data = read_json(path)
+        if not isinstance(data, Mapping) or not isinstance(data.get("field"), str):
+            raise BundleError(f"{path} is not a vocabulary (no 'field')")
+        if data["field"] in tables:
+            raise BundleError(f"{path} is a second vocabulary for field {data['field']!r}; a bundle has one per field")
         if data.get("schema_version") != VOCAB_SCHEMA_VERSION:
             raise BundleError(f"{path} has vocabulary schema_version {data.get('schema_version')!r}; "
                               f"this recforge reads {VOCAB_SCHEMA_VERSION}")
@@ -604,6 +670,6 @@ def load_bundle(path: str | Path, runtime: str = "torchscript", *, onnx_threads:
         if USER_TOWER_ONNX_FILE in files:
             onnx_user_tower = OnnxGraph(_listed(root, manifest, USER_TOWER_ONNX_FILE), onnx_threads)
     return Bundle(path=root, manifest=manifest, module=module, features=read_json(root / "features.json"),
-                  vocab=_load_vocab(root / "vocab"), config=read_json(root / "config.json"), index=index,
+                  vocab=_load_vocab(root, manifest), config=read_json(root / "config.json"), index=index,
                   item_features=item_features, popularity=popularity, runtime=runtime, onnx=onnx,
                   onnx_user_tower=onnx_user_tower)

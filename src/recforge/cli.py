@@ -164,6 +164,8 @@ def _launch_torchrun(nproc: int, config: Path | None, overrides: list[str] | Non
     """One node, N ranks, via torchrun --standalone, which picks a free rendezvous port itself."""
     import subprocess
 
+    from recforge.storage import read_json
+
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "--max_restarts=0", "-m", "recforge.train"]
     if config is not None:
@@ -177,7 +179,7 @@ def _launch_torchrun(nproc: int, config: Path | None, overrides: list[str] | Non
     summary = run_dir / "train_summary.json"
     # Every rank exits 3 after a deliberate stop; torchrun reports that as a failure.
     fresh = code != 0 and summary.is_file() and summary.stat().st_mtime >= started
-    if fresh and json.loads(summary.read_text()).get("interrupted"):
+    if fresh and read_json(summary).get("interrupted"):
         _log("all ranks stopped at a checkpoint; continue with --resume")
         raise typer.Exit(3)
     if code != 0:
@@ -389,7 +391,8 @@ def _read_bundle_manifest(location: Path | str) -> dict:
 
     if isinstance(location, Path):
         return bundle.read_manifest(location)
-    return json.loads(storage.get_bytes(storage.join(location, bundle.MANIFEST)))
+    uri = storage.join(location, bundle.MANIFEST)
+    return storage.parse_json(storage.get_bytes(uri), uri)
 
 
 registry_app = typer.Typer(no_args_is_help=True, help="Versioned models: publish bundles, move aliases, roll back.")
@@ -624,6 +627,20 @@ def pipeline_run(
     if json_out is not None:
         _run(write_json, json_out, summary)
     print(json.dumps(summary, default=str))
+
+
+@pipeline_app.command("abandon")
+def pipeline_abandon(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (see configs/pipeline/).")],
+    overrides: Overrides = None,
+    consume: Annotated[bool, typer.Option(
+        "--consume", help="Mark the cycle's new partitions consumed (not retried by the next cycle).")] = False,
+) -> None:
+    """Close the open cycle unfinished: one that fails on every run (`pipeline run` reports it as stuck)."""
+    from recforge import pipeline
+
+    cfg = _run(pipeline.load_pipeline, config, overrides)
+    print(json.dumps(_run(pipeline.abandon, cfg, consume, _log), default=str))
 
 
 @registry_app.command("history")

@@ -22,7 +22,10 @@ Why it is shaped this way:
   every other file, so a half-copied version is never listed, resolved or promoted.
 * Alias moves take a lock file created exclusively (with a stale-lock timeout, so a crashed promoter
   does not wedge the registry forever) and replace ``aliases.json`` atomically; every move is
-  recorded in the history, which is what ``rollback`` reads.
+  recorded in the history, which is what ``rollback`` reads. A history line damaged outside
+  recforge is reported by its line number and skipped; the next record still starts a line of its own.
+* Publish and promote check a version holds exactly its manifest's files (plus the registry's own
+  records) and no symbolic links, so what serves is exactly what was hashed.
 * Every file access goes through :class:`RegistryStore`: :class:`LocalStore` for directories,
   :class:`S3Store` for object stores (conditional puts for claims, locks and history events, a
   multi-object upload with the marker last). The logic above it is shared, so both behave alike.
@@ -37,6 +40,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -51,7 +55,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from recforge import storage
-from recforge.storage import _fsync_dir, write_bytes
+from recforge.storage import _fsync_dir, parse_json, write_bytes
 
 COMMITTED = "COMMITTED"
 VERSION_META = "registry.json"
@@ -63,8 +67,17 @@ GC_AFTER_S = 3600.0
 DEFAULT_ALIAS = "production"
 LOCK_STALE_AFTER_S = 60.0
 LOCK_WAIT_S = 30.0
+# What a registry adds beside a bundle's own files in a version directory.
+_VERSION_FILES = (COMMITTED, VERSION_META, storage.COMMIT_MARKER)
 MANIFEST = "manifest.json"  # bundle.MANIFEST; bundle is imported only where a bundle is loaded or verified
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Matched with fullmatch: `$` would also accept a name ending in a newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NUMBER = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts '²'
+_log = logging.getLogger(__name__)
+
+
+def _is_number(text: str) -> bool:
+    return _NUMBER.fullmatch(text) is not None
 
 
 class RegistryError(ValueError):
@@ -154,7 +167,8 @@ class LocalStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         try:
             os.chmod(tmp, 0o755)
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            storage.refuse_links(src)
+            shutil.copytree(src, tmp, symlinks=True, dirs_exist_ok=True)
             for name, data in extra.items():
                 write_bytes(tmp / name, data)
             write_bytes(tmp / COMMITTED, b"")
@@ -201,18 +215,21 @@ class LocalStore:
     def verify(self, key: str) -> None:
         path = self._path(key)
         bundle = _bundle()
-        bundle.verify_bundle(path, bundle.read_manifest(path))
+        bundle.verify_bundle(path, bundle.read_manifest(path), exact=True, allowed_extra=_VERSION_FILES)
 
     def append_event(self, key: str, data: bytes) -> None:
         # Rewritten whole (atomically) rather than appended in place: a torn append cannot happen.
+        # A last line torn outside recforge gets its newline first, so the new record stays a line of its own.
         path = self._path(key)
         old = path.read_bytes() if path.is_file() else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
         write_bytes(path, old + data.rstrip(b"\n") + b"\n")
 
     def events(self, key: str) -> list[bytes]:
+        # Every line, blank ones included, so a record's position is its line number in the file.
         path = self._path(key)
-        lines = path.read_bytes().splitlines() if path.is_file() else []
-        return [line for line in lines if line.strip()]
+        return path.read_bytes().splitlines() if path.is_file() else []
 
     def claim_age(self, key: str) -> float | None:
         try:
@@ -302,7 +319,7 @@ class S3Store:
         with tempfile.TemporaryDirectory(prefix="recforge-verify-") as tmp:
             local = storage.get_dir(self._uri(key), Path(tmp) / "v", marker=COMMITTED)
             bundle = _bundle()
-            bundle.verify_bundle(local, bundle.read_manifest(local))
+            bundle.verify_bundle(local, bundle.read_manifest(local), exact=True, allowed_extra=_VERSION_FILES)
 
     def _log_prefix(self, key: str) -> str:
         return key[: -len(".jsonl")] if key.endswith(".jsonl") else f"{key}.d"
@@ -320,8 +337,9 @@ class S3Store:
 
     def claim_age(self, key: str) -> float | None:
         try:
-            return time.time() - float(json.loads(self.get(f"{key}/{CLAIM}")).get("unix", 0.0))
-        except (FileNotFoundError, ValueError):
+            return time.time() - float(parse_json(self.get(f"{key}/{CLAIM}"), self._uri(f"{key}/{CLAIM}"))
+                                       .get("unix", 0.0))
+        except (FileNotFoundError, ValueError, AttributeError):
             return None
 
     def delete_tree(self, key: str) -> None:
@@ -360,7 +378,7 @@ def _store(root: str | Path | RegistryStore) -> RegistryStore:
 
 def _check_name(model_name: str) -> str:
     # The name becomes a path component: refuse anything that could climb out of the registry root.
-    if not _NAME.match(model_name):
+    if not isinstance(model_name, str) or not _NAME.fullmatch(model_name):
         raise RegistryError(f"invalid model name {model_name!r}: use letters, digits, '.', '_' or '-'")
     return model_name
 
@@ -378,23 +396,45 @@ def _user() -> str:
 
 def _committed(store: RegistryStore, model: str) -> list[int]:
     """Version numbers whose COMMITTED marker exists; claimed or half-copied slots are skipped."""
-    numbers = [int(name) for name in store.list(f"{model}/versions") if name.isdigit()]
+    numbers = [int(name) for name in store.list(f"{model}/versions") if _is_number(name)]
     return sorted(n for n in numbers if store.exists(f"{model}/versions/{n}/{COMMITTED}"))
 
 
 def _read_json(store: RegistryStore, key: str, default: Any) -> Any:
     try:
-        return json.loads(store.get(key))
+        data = store.get(key)
     except FileNotFoundError:
         return default
+    return parse_json(data, store.where(key))
 
 
 def _aliases(store: RegistryStore, model: str) -> dict[str, int]:
-    return {str(k): int(v) for k, v in _read_json(store, f"{model}/{ALIASES}", {}).items()}
+    key = f"{model}/{ALIASES}"
+    aliases = _read_json(store, key, {})
+    if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in aliases.items()):
+        raise RegistryError(f"{store.where(key)}: expected an object of alias -> version number; the file is damaged")
+    return dict(aliases)
 
 
 def _history(store: RegistryStore, model: str) -> list[dict[str, Any]]:
-    return [json.loads(record) for record in store.events(f"{model}/{HISTORY}")]
+    """The alias moves, oldest first. A damaged record (torn or edited outside recforge) is reported by
+    its line number and skipped; the others still count, so `history` and `rollback` keep working."""
+    key = f"{model}/{HISTORY}"
+    records = []
+    for number, line in enumerate(store.events(key), 1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line, f"{store.where(key)} line {number}")
+        except ValueError as exc:
+            _log.warning("%s; skipping it", exc)
+            continue
+        if not isinstance(record, dict):
+            _log.warning("%s line %d: not a history record; skipping it", store.where(key), number)
+            continue
+        records.append(record)
+    return records
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -423,18 +463,22 @@ def publish(root: str | Path | RegistryStore, bundle_dir: str | Path, model_name
     if storage.is_remote(bundle_dir):  # a bundle exported to the store: verified local copy first
         with tempfile.TemporaryDirectory(prefix="recforge-publish-") as tmp:
             local = storage.get_dir(bundle_dir, Path(tmp) / "bundle")
-            return _publish(root, local, model_name, note, str(bundle_dir))
+            return _publish(root, local, model_name, note, str(bundle_dir), (storage.COMMIT_MARKER,))
     return _publish(root, Path(bundle_dir), model_name, note, str(Path(bundle_dir).resolve()))
 
 
-def _publish(root: str | Path | RegistryStore, bundle_dir: Path, model_name: str, note: str, source: str) -> int:
+def _publish(root: str | Path | RegistryStore, bundle_dir: Path, model_name: str, note: str, source: str,
+             allowed_extra: tuple[str, ...] = ()) -> int:
     store = _store(root)
     model = _check_name(model_name)
-    loaded = _bundle().load_bundle(bundle_dir)  # raises BundleError with the bundle's own message
+    bundle = _bundle()
+    # Exactly the manifest's files and no links: what is stored is then exactly what was hashed.
+    bundle.verify_bundle(bundle_dir, bundle.read_manifest(bundle_dir), exact=True, allowed_extra=allowed_extra)
+    loaded = bundle.load_bundle(bundle_dir)  # raises BundleError with the bundle's own message
     meta = {"published": _now(), "published_unix": time.time(), "note": note, "user": _user(),
             "source": source, "kind": loaded.kind,
             "bundle_model_name": loaded.manifest.get("model_name")}
-    existing = [int(name) for name in store.list(f"{model}/versions") if name.isdigit()]
+    existing = [int(name) for name in store.list(f"{model}/versions") if _is_number(name)]
     number = max(existing, default=0) + 1
     while not store.create_if_absent(f"{model}/versions/{number}"):
         number += 1
@@ -460,6 +504,9 @@ def _parse_ref(store: RegistryStore, model: str, ref: str | int) -> int:
             raise RegistryError(f"model {model!r} has no published versions")
         return committed[-1]
     digits = text[1:] if text[:1] in ("v", "V") and text[1:].isdigit() else text
+    if digits.isdigit() and not _is_number(digits):
+        raise RegistryError(f"invalid version {str(ref)!r} of {model!r}: write the number in ASCII digits (1, 2, ...), "
+                            "an alias or 'latest'")
     if digits.isdigit():
         number = int(digits)
         if number not in committed:
@@ -507,7 +554,7 @@ def list_versions(root: str | Path | RegistryStore, model_name: str) -> list[Ver
 def list_models(root: str | Path | RegistryStore) -> list[str]:
     """Model names that have at least one committed version."""
     store = _store(root)
-    return [name for name in store.list("") if _NAME.match(name) and _committed(store, name)]
+    return [name for name in store.list("") if _NAME.fullmatch(name) and _committed(store, name)]
 
 
 def show(root: str | Path | RegistryStore, model_name: str, version_or_alias: str | int = "latest") -> dict[str, Any]:
@@ -516,7 +563,7 @@ def show(root: str | Path | RegistryStore, model_name: str, version_or_alias: st
     model = _check_name(model_name)
     number = _parse_ref(store, model, version_or_alias)
     info = _info(store, model, number, _aliases(store, model))
-    manifest = json.loads(store.get(f"{model}/versions/{number}/{MANIFEST}"))
+    manifest = _read_json(store, f"{model}/versions/{number}/{MANIFEST}", {})
     return {**info.to_dict(), "model": model, "bundle_model_name": manifest.get("model_name"),
             "schema_version": manifest.get("schema_version"), "files": len(manifest.get("files", {})),
             "bundle_created_unix": manifest.get("created_unix"),
@@ -534,7 +581,7 @@ def _alias_lock(store: RegistryStore, model: str, stale_after: float | None = No
     deadline = time.monotonic() + wait
     while not store.create_if_absent(key, json.dumps(token).encode("utf-8")):
         try:
-            held = json.loads(store.get(key))
+            held = parse_json(store.get(key), store.where(key))
         except (FileNotFoundError, ValueError):
             held = None  # released meanwhile, or being written: retry
         if held is not None and time.time() - float(held.get("unix", 0)) > stale_after:
@@ -584,7 +631,7 @@ def _move(store: RegistryStore, model: str, alias: str, target: int | None, acti
 
 
 def _check_alias(alias: str) -> str:
-    if not _NAME.match(alias) or alias == "latest" or alias.isdigit():
+    if not isinstance(alias, str) or not _NAME.fullmatch(alias) or alias == "latest" or alias.isdigit():
         raise RegistryError(f"invalid alias {alias!r}: a name like 'production' (not a number or 'latest')")
     return alias
 
@@ -680,7 +727,7 @@ def gc(root: str | Path | RegistryStore, model_name: str, older_than_s: float = 
     for name in store.list(f"{model}/versions"):
         key = f"{model}/versions/{name}"
         stale_tmp = name.startswith(".tmp-")
-        if not (name.isdigit() and int(name) not in committed) and not stale_tmp:
+        if not (_is_number(name) and int(name) not in committed) and not stale_tmp:
             continue
         age = store.claim_age(key)
         if age is not None and age < older_than_s:
@@ -688,6 +735,6 @@ def gc(root: str | Path | RegistryStore, model_name: str, older_than_s: float = 
         if store.exists(f"{key}/{COMMITTED}"):  # committed meanwhile
             continue
         store.delete_tree(key)
-        if name.isdigit():
+        if _is_number(name):
             removed.append(int(name))
     return sorted(removed)

@@ -93,8 +93,48 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class JSONFileError(ValueError):
+    """A JSON file that cannot be parsed: truncated, empty, not UTF-8. The message names the file."""
+
+
+def parse_json(data: bytes | str, where: str | Path) -> Any:
+    """Parse the JSON bytes read from `where`; every failure names `where`, so one damaged file among
+    many (a manifest, aliases.json, a commit marker) is found without a traceback."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError as exc:
+        raise JSONFileError(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason}); the file is damaged") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        what = "empty" if not text.strip() else f"not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})"
+        raise JSONFileError(f"{where}: {what}; the file is truncated or damaged") from None
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return parse_json(Path(path).read_bytes(), path)
+
+
+def check_relative(name: str, where: str | Path) -> str:
+    """`name` as a path that stays inside its directory: relative, '/'-separated, no '..' or empty parts.
+
+    Names listed in a manifest or commit marker come from the files themselves; one such as
+    '../x' or '/etc/x' would make a reader hash or write outside the directory it was given.
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"{where}: file name {name!r} does not stay inside the directory; refusing it")
+    return name
+
+
+def refuse_links(root: str | Path) -> None:
+    """Refuse a directory tree holding symbolic links: copying one would copy whatever it points at
+    (a file anywhere on the machine, a whole foreign directory) as if it were part of the tree."""
+    for directory, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            path = Path(directory) / name
+            if path.is_symlink():
+                raise StorageError(f"{path} is a symbolic link; copy what it points at into {root} instead")
 
 
 def save_array(path: str | Path, array: np.ndarray) -> None:
@@ -572,6 +612,7 @@ def put_dir(src: str | Path, uri: str | Path, *, extra: Mapping[str, bytes] | No
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a directory")
+    refuse_links(src)
     extra = dict(extra or {})
     entries = _file_entries(src, marker)
     for name, data in extra.items():
@@ -604,7 +645,8 @@ def _put_local_dir(src: Path, target: Path, extra: Mapping[str, bytes], marker: 
     old: Path | None = None
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
-        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=lambda d, names: [marker] if Path(d) == src else [])
+        shutil.copytree(src, tmp, symlinks=True, dirs_exist_ok=True,
+                        ignore=lambda d, names: [marker] if Path(d) == src else [])
         for name, data in extra.items():
             write_bytes(tmp / name, data)
         _verify_tree(tmp, entries, str(target))
@@ -638,10 +680,16 @@ def _verify_tree(root: Path, entries: Mapping[str, Mapping[str, Any]], where: st
 def read_marker(uri: str | Path, marker: str = COMMIT_MARKER) -> dict[str, Any]:
     """The commit record of a directory; FileNotFoundError if it was never (completely) uploaded."""
     try:
-        return json.loads(get_bytes(join(uri, marker)))
+        record = parse_json(get_bytes(join(uri, marker)), join(uri, marker))
     except FileNotFoundError:
         raise FileNotFoundError(f"no committed directory at {uri} ({marker} is missing: the upload never "
                                 "finished, or the path is wrong)") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        raise StorageError(f"{join(uri, marker)}: no 'files' table; the commit marker is damaged")
+    for name in files:
+        check_relative(name, join(uri, marker))
+    return record
 
 
 def get_dir(uri: str | Path, dst: str | Path, *, marker: str = COMMIT_MARKER) -> Path:
@@ -656,8 +704,9 @@ def get_dir(uri: str | Path, dst: str | Path, *, marker: str = COMMIT_MARKER) ->
         entries = read_marker(uri, marker)["files"]
     else:
         source = _local(uri)
-        entries = (json.loads((source / marker).read_text(encoding="utf-8"))["files"]
-                   if (source / marker).is_file() else _file_entries(source, marker))
+        refuse_links(source)
+        entries = read_marker(source, marker)["files"] if (source / marker).is_file() \
+            else _file_entries(source, marker)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
     try:

@@ -152,6 +152,58 @@ def test_base_images_are_pinned(name):
         assert image_pinned(ref), f"{name}: FROM {ref} is not pinned to a tag (not latest) or a digest"
 
 
+# Every image pulled from a registry names its bytes (`@sha256:`): a tag can be re-pushed under the same
+# name. recforge's own images are built here (bake/compose, each FROM the previous) and carry tags.
+OWN_IMAGES = ("recforge-base", "recforge-app", "recforge-dev", "recforge/app")
+# The only pulled images without a digest in the repository, each with what pins it instead.
+DIGEST_EXCEPTIONS = {
+    # No digest of this tag is recorded here; the CI `images` job resolves it (imagetools inspect) and
+    # builds with CUDA_IMAGE=<tag>@sha256:..., so the images of one run share the same bytes.
+    "nvidia/cuda:13.0.2-base-ubuntu22.04": "resolved to its digest by .github/workflows/ci.yml",
+}
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}")
+
+
+def pulled_images() -> dict[str, str]:
+    """Image reference -> where it is named: Dockerfile frontends and FROMs, compose and k8s images."""
+    found: dict[str, str] = {}
+    for name, path in DOCKERFILES.items():
+        syntax = re.match(r"# syntax=(\S+)", path.read_text())
+        assert syntax, f"{name}: no `# syntax=` directive (the BuildKit frontend image)"
+        found[syntax.group(1)] = f"{name}.Dockerfile syntax"
+        instructions = parsed(name)
+        for ins in instructions:
+            if ins.keyword == "FROM":
+                found[expand(ins.args.split()[0], arg_defaults(instructions))] = f"{name}.Dockerfile FROM"
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name, service in services.items():
+        if "image" in service:
+            found[re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", service["image"])] = f"docker-compose.yml {name}"
+    for match in re.finditer(r"image:\s*(\S+)", (ROOT / "deploy" / "k8s" / "pytorchjob.yaml").read_text()):
+        found[match.group(1)] = "deploy/k8s/pytorchjob.yaml"
+    return {ref: where for ref, where in found.items() if not ref.split(":")[0].startswith(OWN_IMAGES)}
+
+
+def test_pulled_images_are_pinned_by_digest():
+    images = pulled_images()
+    assert any("seaweedfs" in ref for ref in images) and any("nvidia/cuda" in ref for ref in images)
+    unpinned = [f"{where}: {ref}" for ref, where in sorted(images.items())
+                if ref not in DIGEST_EXCEPTIONS and not DIGEST.search(ref)]
+    assert not unpinned, "pulled by tag, not by digest:\n" + "\n".join(unpinned)
+    stale = sorted(set(DIGEST_EXCEPTIONS) - set(images))
+    assert not stale, f"exceptions for images no file names any more: {stale}"
+
+
+def test_the_cuda_exception_is_resolved_to_a_digest_in_ci():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    resolve = _steps_text(workflow["jobs"]["images"])
+    for ref in DIGEST_EXCEPTIONS:
+        assert workflow["env"]["CUDA_TAG"] == ref, f"CI resolves {workflow['env']['CUDA_TAG']}, not {ref}"
+    assert 'imagetools inspect "$CUDA_TAG"' in resolve and "CUDA_IMAGE=$CUDA_TAG@$digest" in resolve
+    # bake reads its variables from the environment: CUDA_IMAGE set through GITHUB_ENV reaches the build.
+    assert '>> "$GITHUB_ENV"' in resolve and 'variable "CUDA_IMAGE"' in (DOCKER / "docker-bake.hcl").read_text()
+
+
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_final_user_is_not_root(name):
     user = last(parsed(name), "USER").args.split(":")[0]
@@ -281,7 +333,8 @@ def ignored(path: str, patterns: list[tuple[bool, str]]) -> bool:
     return verdict
 
 
-@pytest.mark.parametrize("path", [".venv/bin/python", "runs/quickstart/run/model.pt", "data/raw.parquet", ".env",
+@pytest.mark.parametrize("path", [".venv/bin/python", ".audit-tools/bin/pip-audit",
+                                  "runs/quickstart/run/model.pt", "data/raw.parquet", ".env",
                                   ".git/HEAD", "src/recforge/__pycache__/cli.cpython-311.pyc"])
 def test_dockerignore_keeps_local_state_and_secrets_out(path):
     assert ignored(path, dockerignore_patterns()), f"{path} would be sent to the image build"

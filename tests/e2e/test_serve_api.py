@@ -38,7 +38,8 @@ def server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     experiments = base / "experiments.json"
     experiments.write_text(json.dumps(EXPERIMENTS))
     srv = start_server(world.registry_copy(base / "registry"), base / "events", base / "server.log",
-                       "--experiments", str(experiments), "--poll-interval-s", "0")
+                       "--experiments", str(experiments), "--poll-interval-s", "0",
+                       "--set", "event_max_age_s=inf")  # the events test replays days of 2026-01
     yield srv
     srv.stop()
 

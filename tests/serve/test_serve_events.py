@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from recforge.serve.events import DB_FILE, EXPORT_REPORT, EventStore, encode_event, export_log, export_report
+from recforge.serve.events import (
+    DB_FILE,
+    EXPORT_REPORT,
+    EventStore,
+    EventStoreFull,
+    encode_event,
+    export_log,
+    export_report,
+)
 
 DAY = 86_400
 T0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
@@ -88,3 +98,55 @@ def test_export_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--since '2026/01/01' is not a date"):
         export_log(tmp_path / "events", tmp_path / "out", since="2026/01/01")
     assert export_log(tmp_path / "events", tmp_path / "out") == []
+
+
+def test_a_far_future_timestamp_is_exported_on_the_day_the_server_received_it(tmp_path: Path) -> None:
+    store = EventStore(tmp_path / "events")
+    before = time.time()
+    store.append([_event("impression", "r1", 1, 10, 4_102_444_800), _event("impression", "r2", 1, 11, T0)])
+    report = export_report(tmp_path / "events", tmp_path / "log")
+    received_day = datetime.fromtimestamp(before, UTC).date().isoformat()
+    assert report.days == {"2026-01-01": 1, received_day: 1}
+    assert not (tmp_path / "log" / "2100-01-01.parquet").exists()
+    (future,) = pq.read_table(tmp_path / "log" / f"{received_day}.parquet").column("timestamp").to_pylist()
+    assert before - 1 <= future <= time.time()
+
+
+def test_export_reads_the_totals_and_the_rows_in_one_snapshot(tmp_path: Path, monkeypatch) -> None:
+    """Events committed while the export runs are in neither its counts nor its files."""
+    import recforge.serve.events as events
+
+    store = EventStore(tmp_path / "events")
+    store.append([_event("impression", "r1", 1, 10, T0), _event("impression", "r2", 2, 10, T0 + DAY)])
+    write_table = events._rows_to_table
+
+    def a_write_between_days(rows):
+        store.append([_event("impression", f"late{n}", 3, 10, T0 + DAY + n) for n in range(5)])
+        return write_table(rows)
+
+    monkeypatch.setattr(events, "_rows_to_table", a_write_between_days)
+    report = export_report(tmp_path / "events", tmp_path / "log")
+    assert report.events_total == report.impressions == report.exported_rows == 2
+    assert pq.read_table(tmp_path / "log" / "2026-01-02.parquet").num_rows == 1
+    assert store.count() == 12
+
+
+def _fill(store: EventStore) -> None:
+    """Cap the database at its current size, as a full disk would."""
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+
+
+def test_a_full_store_refuses_the_batch_with_the_reason_and_recovers(tmp_path: Path) -> None:
+    store = EventStore(tmp_path)
+    store.append([_event("impression", "r0", 1, 10, T0)])
+    _fill(store)
+    batch = [_event("impression", f"r{n}", 1, 10, T0) for n in range(50)]
+    with pytest.raises(EventStoreFull, match="database or disk is full"):
+        store.append(batch)
+    with pytest.raises(EventStoreFull):
+        store.probe()
+    assert store.count() == 1 and not store._db.in_transaction
+    store._db.execute("PRAGMA max_page_count=1073741823")  # space freed
+    store.probe()
+    assert store.append(batch) == 50 and store.last_id() == store.count() == 51

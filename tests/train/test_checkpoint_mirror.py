@@ -49,3 +49,17 @@ def test_mirror_prunes_and_restore_takes_the_newest_committed(tmp_path: Path) ->
     assert not (restored / "train_summary.json").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         restore_run(mirror, restored)
+
+
+def test_load_checkpoint_refuses_corrupt_file_naming_it(tmp_path):
+    import pytest
+    import torch
+
+    from recforge.train.checkpoint import load_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    for name, data in (("empty.pt", b""), ("junk.pt", b"\x80\x04garbage")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=name):
+            load_checkpoint(path, model, [], None, "digest")

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,31 @@ def list_partitions(events_dir: str | Path) -> dict[str, dict[str, Any]]:
             continue
         if not (file.name.lower().endswith(_SUFFIXES) or file.name.lower() == "u.data"):
             continue
-        match = _DAY.search(rel.as_posix())
-        found[rel.as_posix()] = {"size": file.stat().st_size, "day": match.group(1) if match else None}
+        found[rel.as_posix()] = {"size": file.stat().st_size, "day": _day_of(rel.as_posix())}
     return found
+
+
+def _day_of(name: str) -> str | None:
+    """The first real calendar date in a partition's name (`2026-13-45` is none), or None."""
+    for match in _DAY.finditer(name):
+        try:
+            return date.fromisoformat(match.group(1)).isoformat()
+        except ValueError:
+            continue
+    return None
+
+
+def split_future(found: dict[str, dict[str, Any]], today: date | None = None
+                 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The partitions a cycle may use, and those dated after `today` (UTC; the machine's clock).
+
+    A day that has not happened yet holds no real data (a client clock set ahead, a typo in a name): it
+    must not become "the newest day" the window counts back from, nor be marked consumed. It is reported
+    and left for the cycle after its day has come.
+    """
+    last = (today or datetime.now(UTC).date()).isoformat()
+    future = sorted(name for name, info in found.items() if info["day"] and info["day"] > last)
+    return {name: info for name, info in found.items() if name not in future}, future
 
 
 def read_watermark(state_dir: Path) -> dict[str, Any]:
@@ -104,8 +126,11 @@ def open_cycle(events_dir: str | Path, state_dir: str | Path, window_days: int) 
     state = Path(state_dir)
     current = current_cycle(state)
     if current is not None:
+        # Counted so that a cycle which fails on every run is visible as stuck (see `recforge pipeline abandon`).
+        current = {**current, "resumes": int(current.get("resumes", 0)) + 1}
+        write_json(state / CURRENT, current)
         return {**current, "resumed": True}
-    found = list_partitions(events_dir)
+    found, future = split_future(list_partitions(events_dir))
     watermark = read_watermark(state)
     new = new_partitions(found, watermark)
     if not new:
@@ -117,7 +142,8 @@ def open_cycle(events_dir: str | Path, state_dir: str | Path, window_days: int) 
     cycle_dir = state / "cycles" / cycle_id
     _link_inputs(Path(events_dir), names, cycle_dir / "input")
     record = {"cycle": cycle_id, "status": "open", "dir": str(cycle_dir), "number": number, "fingerprint": fp,
-              "new": new, "window": names, "window_days": window_days, "seen": found}
+              "new": new, "window": names, "window_days": window_days, "seen": found, "future": future,
+              "opened": datetime.now(UTC).isoformat(timespec="seconds")}
     write_json(cycle_dir / "input.json", record)
     write_json(state / CURRENT, record)  # last: from now on the cycle exists and will be resumed
     return {**record, "resumed": False}
@@ -136,3 +162,24 @@ def close_cycle(state_dir: str | Path, cycle: dict[str, Any], decision: str) -> 
                                    "cycles": int(cycle["number"]), "last_cycle": cycle["cycle"],
                                    "last_decision": decision})
     write_json(state / CURRENT, {**current, "status": "closed", "decision": decision})
+
+
+def abandon_cycle(state_dir: str | Path, consume: bool = False) -> dict[str, Any] | None:
+    """Close the open cycle without finishing it (one that fails on every run); None when none is open.
+
+    Its partitions stay new (the next cycle retries them, e.g. after the data or the config was fixed) unless
+    `consume`, which marks them consumed as a finished cycle would. Either way the cycle number advances, so
+    the next cycle gets its own directory and none of the abandoned cycle's step results.
+    """
+    state = Path(state_dir)
+    current = current_cycle(state)
+    if current is None:
+        return None
+    watermark = read_watermark(state)
+    files = {**watermark.get("files", {}), **(current["seen"] if consume else {})}
+    days = [info["day"] for info in files.values() if info.get("day")]
+    write_json(state / WATERMARK, {**watermark, "files": files, "last_day": max(days) if days else None,
+                                   "cycles": max(int(watermark.get("cycles", 0)), int(current["number"]))})
+    closed = {**current, "status": "abandoned", "decision": "abandoned", "consumed": consume}
+    write_json(state / CURRENT, closed)
+    return closed

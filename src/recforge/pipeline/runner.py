@@ -22,6 +22,8 @@ from recforge.pipeline.settings import PipelineConfig
 
 CYCLE_STEPS = ("prepare", "train", "export", "evaluate", "gate", "publish", "canary")
 STEPS = ("ingest", *CYCLE_STEPS, "promote")
+# Runs that resume the same open cycle before it is reported as stuck.
+STUCK_AFTER = 3
 _AFTER_PASS = ("publish", "canary")
 
 
@@ -80,10 +82,23 @@ def _run_cycle_step(name: str, cycle: Cycle, runlog: RunLog) -> dict[str, Any]:
 def _ingest(cfg: PipelineConfig, runlog: RunLog, log: Log) -> Cycle | None:
     record = ingest.open_cycle(cfg.events_dir, cfg.state, cfg.window_days)
     if record is None:
+        future = ingest.split_future(ingest.list_partitions(cfg.events_dir))[1]
+    else:
+        future = [] if record["resumed"] else record.get("future", [])
+    if future:
+        runlog.event("ingest", "future_partitions", partitions=future)
+        log(f"warning: ignoring {len(future)} partition(s) dated after today (UTC) until their day comes: "
+            f"{', '.join(future[:5])}{' ...' if len(future) > 5 else ''}")
+    if record is None:
         runlog.event("ingest", "no_new_data", reason="no partitions newer than the watermark",
                      watermark=ingest.read_watermark(cfg.state).get("last_day"))
         log("no new event partitions since the last cycle: nothing to train")
         return None
+    if record["resumed"] and int(record.get("resumes", 0)) >= STUCK_AFTER:
+        runlog.event("ingest", "stuck", cycle=record["cycle"], resumes=record["resumes"], opened=record.get("opened"))
+        log(f"warning: cycle {record['cycle']} (opened {record.get('opened', '?')}) has been resumed "
+            f"{record['resumes']} times without finishing; if it cannot finish, `recforge pipeline abandon` "
+            "closes it (its partitions are retried by the next cycle unless --consume)")
     runlog.event("ingest", "resumed" if record["resumed"] else "done", cycle=record["cycle"], new=record["new"],
                  window=record["window"])
     log(f"cycle {record['cycle']}: {'resumed' if record['resumed'] else 'opened'} with {len(record['new'])} new "
@@ -122,6 +137,21 @@ def run(cfg: PipelineConfig, step: str | None = None, log: Log = print) -> dict[
         raise ValueError(f"unknown pipeline step {step!r}; choose one of {', '.join(STEPS)}")
     with _exclusive(cfg.state):
         return _run_locked(cfg, step, log)
+
+
+def abandon(cfg: PipelineConfig, consume: bool = False, log: Log = print) -> dict[str, Any]:
+    """Close the open cycle unfinished (`recforge pipeline abandon`): for a cycle that fails on every run."""
+    with _exclusive(cfg.state):
+        runlog = RunLog(cfg.state, "abandon")
+        closed = ingest.abandon_cycle(cfg.state, consume)
+        if closed is None:
+            log("no open cycle to abandon")
+            return runlog.finish({"step": "abandon", "decision": "no_open_cycle"})
+        runlog.event("abandon", "done", cycle=closed["cycle"], consumed=consume, new=closed["new"])
+        log(f"cycle {closed['cycle']} abandoned; its {len(closed['new'])} new partition(s) "
+            + ("are marked consumed" if consume else "will be retried by the next cycle"))
+        return runlog.finish({"step": "abandon", "decision": "abandoned", "cycle": closed["cycle"],
+                              "consumed": consume, "partitions": closed["new"]})
 
 
 def _run_locked(cfg: PipelineConfig, step: str | None, log: Log) -> dict[str, Any]:

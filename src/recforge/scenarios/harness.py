@@ -103,7 +103,9 @@ def running_server(cfg: SimulateConfig, registry_root: Path, events_dir: Path, l
     """`recforge serve` on a free 127.0.0.1 port with a fresh admin token; stopped (SIGTERM) on exit."""
     port = free_port()
     token = secrets.token_hex(16)
-    merged = {"poll_interval_s": "0", **(settings or {}), **cfg.server}
+    # The simulated days are a replayed period, not the present: the server takes their event times as sent.
+    merged = {"poll_interval_s": "0", "event_max_ahead_s": "inf", "event_max_age_s": "inf", **(settings or {}),
+              **cfg.server}
     args = [*recforge_command(), "serve", "--registry", str(registry_root), "--host", "127.0.0.1", "--port",
             str(port), "--events-dir", str(events_dir), *[f"--set={k}={v}" for k, v in merged.items()]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECFORGE_SERVE_")}

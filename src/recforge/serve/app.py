@@ -26,7 +26,7 @@ from pydantic_core import to_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recforge import registry
-from recforge.serve.events import encode_event
+from recforge.serve.events import EventStoreFull, encode_event, timestamp_problem
 from recforge.serve.models import ModelError, Query
 from recforge.serve.schemas import (
     ErrorResponse,
@@ -227,6 +227,8 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
 
     @app.get("/readyz", response_model=Ready, responses={503: {"model": ErrorResponse}})
     async def readyz() -> Ready:
+        if await asyncio.get_running_loop().run_in_executor(svc.events_executor, svc.events_unwritable):
+            raise HTTPException(503, "the event store cannot write (disk full)")
         snapshot = ready()
         return Ready(status="ready", models=snapshot.versions())
 
@@ -292,6 +294,11 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     async def events(body: EventsRequest) -> EventsResponse:
         started = time.perf_counter()
         now = time.time()
+        late = [{"type": "value_error", "loc": ("body", "events", i, "timestamp"), "msg": problem, "input": e.timestamp}
+                for i, e in enumerate(body.events) if e.timestamp is not None and (problem := timestamp_problem(
+                    e.timestamp, now, settings.event_max_ahead_s, settings.event_max_age_s))]
+        if late:
+            raise RequestValidationError(late)
         snapshot = svc.snapshot
         features = (svc.item_features(snapshot, [e.item_id for e in body.events]) if snapshot is not None
                     else [{} for _ in body.events])
@@ -301,7 +308,12 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
                   for e, f in zip(body.events, features, strict=True)]
         seen = [(e.type, e.user_id, e.item_id) for e in body.events]
         loop = asyncio.get_running_loop()
-        total = await loop.run_in_executor(svc.events_executor, svc.store_events, stored, seen)
+        try:
+            total = await loop.run_in_executor(svc.events_executor, svc.store_events, stored, seen)
+        except EventStoreFull:
+            svc.metrics.requests.labels("events", "default", "503").inc()
+            raise HTTPException(503, "events not stored: the event store cannot write (disk full); retry later",
+                                headers={"Retry-After": "5"}) from None
         svc.metrics.requests.labels("events", "default", "200").inc()
         svc.metrics.latency.labels("events", "default").observe(time.perf_counter() - started)
         return EventsResponse(accepted=len(stored), stored_total=total)

@@ -10,11 +10,12 @@ Ids keep their JSON type: they are stored as JSON text and come back as int or s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -76,6 +77,33 @@ def encode_event(type_: str, request_id: str, user_id: int | str, item_id: int |
                        _dumps(context or {}), _dumps(assignments or {}), model_version, _dumps(item_features or {}))
 
 
+class EventStoreFull(OSError):
+    """The store cannot take writes (disk or database full, read-only file system): nothing of the batch was
+    stored. The condition is outside recforge and passes when space is freed; the caller answers "try again"."""
+
+
+# SQLite result codes (extended codes carry the primary one in the low byte) that mean "no room to write"
+# or "cannot write here now", as opposed to a bad batch: SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_READONLY.
+_UNWRITABLE = {10, 13, 14, 8}
+
+
+def _unwritable(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _UNWRITABLE
+
+
+def timestamp_problem(timestamp: float, now: float, max_ahead_s: float, max_age_s: float) -> str | None:
+    """Why an event time is not accepted against the server's clock `now`, or None: stored times are bounded
+    by the clock of the server that takes them, not by the client's."""
+    if timestamp > now + max_ahead_s:
+        return (f"must not be more than {max_ahead_s:g}s ahead of the server's clock "
+                f"({timestamp - now:.0f}s ahead; setting event_max_ahead_s)")
+    if timestamp < now - max_age_s:
+        return (f"must not be more than {max_age_s:g}s behind the server's clock "
+                f"({now - timestamp:.0f}s behind; setting event_max_age_s)")
+    return None
+
+
 class EventStore:
     """Append-only event storage in `directory`; safe to share between threads."""
 
@@ -92,20 +120,46 @@ class EventStore:
         self._db.executescript(_SCHEMA)
 
     def append(self, events: Sequence[StoredEvent]) -> int:
-        """Store a batch atomically and durably (all or nothing); returns how many were stored."""
+        """Store a batch atomically and durably (all or nothing); returns how many were stored.
+
+        Raises EventStoreFull when the disk (or the database) has no room: SQLite may already have rolled the
+        transaction back itself then, so the rollback here runs only if one is still open (a second ROLLBACK
+        would fail with "no transaction is active" and hide the real reason).
+        """
         received = time.time()
         rows = [(*event, received) for event in events]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO events (type, request_id, user_id, item_id, position, timestamp, context, "
-                    "assignments, model_version, item_features, received) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO events (type, request_id, user_id, item_id, position, timestamp, context, "
+                "assignments, model_version, item_features, received) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
         return len(rows)
+
+    def probe(self) -> None:
+        """Raise EventStoreFull unless a write can commit now: a committed transaction that grows the file by a
+        few pages and gives them back, so it needs the same room (pages and WAL space) a small batch would."""
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS write_probe (data BLOB)")
+            db.execute("INSERT INTO write_probe VALUES (zeroblob(16384))")
+            db.execute("DELETE FROM write_probe")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed when the block ends, rolled back (if SQLite has not done so itself)
+        when it raises; a full disk or read-only store comes out as EventStoreFull."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                if _unwritable(exc):
+                    raise EventStoreFull(f"{self.path}: cannot store events: {exc}") from exc
+                raise
 
     def count(self) -> int:
         with self._lock:
@@ -149,6 +203,9 @@ def _parse_day(value: str | date | None, name: str) -> date | None:
         raise ValueError(f"--{name} {value!r} is not a date; use YYYY-MM-DD (UTC)") from None
 
 
+_EPOCH = date(1970, 1, 1)
+
+
 def _day_start(day: date) -> float:
     return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
 
@@ -174,16 +231,25 @@ class ExportReport:
     files: list[str]
 
 
+# The time an event is exported and partitioned at: the client's timestamp, but never later than when the
+# server received it. A client clock set years ahead (or a row stored before the server bounded timestamps)
+# must not create a far-future day file that a pipeline would take for the newest data.
+_TRUSTED_TIME = "MIN(timestamp, received)"
+
 _EXPORT_QUERY = """
-SELECT i.user_id, i.item_id, i.timestamp, i.position, i.context, i.item_features, i.request_id, i.assignments,
-       i.model_version,
+SELECT i.user_id, i.item_id, MIN(i.timestamp, i.received), i.position, i.context, i.item_features, i.request_id,
+       i.assignments, i.model_version,
        EXISTS (SELECT 1 FROM events c WHERE c.request_id = i.request_id AND c.item_id = i.item_id
                AND c.type = 'click') AS label
 FROM events i
-WHERE i.type = 'impression' AND i.timestamp >= ? AND i.timestamp < ?
+WHERE i.type = 'impression' AND MIN(i.timestamp, i.received) >= ? AND MIN(i.timestamp, i.received) < ?
   AND i.id = (SELECT MIN(d.id) FROM events d WHERE d.request_id = i.request_id AND d.item_id = i.item_id
               AND d.type = 'impression')
-ORDER BY i.timestamp, i.id
+ORDER BY MIN(i.timestamp, i.received), i.id
+"""
+_EXPORT_DAYS = f"""
+SELECT DISTINCT CAST({_TRUSTED_TIME} / 86400 AS INTEGER) FROM events
+WHERE type = 'impression' AND {_TRUSTED_TIME} >= ? AND {_TRUSTED_TIME} < ? ORDER BY 1
 """
 
 
@@ -220,7 +286,8 @@ def export_report(events_dir: str | Path, out_dir: str | Path, since: str | date
                   until: str | date | None = None) -> ExportReport:
     """Write one parquet file per UTC day of impressions (labelled by matching clicks) under `out_dir`.
 
-    `since`/`until` are inclusive UTC dates; a day's file is always rewritten whole from every
+    An impression's day (and exported timestamp) is its client time, capped at the time the server received
+    it (`_TRUSTED_TIME`). `since`/`until` are inclusive UTC dates; a day's file is always rewritten whole from every
     impression of that day (atomically), so re-running never duplicates rows. Repeated impressions
     of the same (request_id, item_id) are exported once.
     """
@@ -229,24 +296,26 @@ def export_report(events_dir: str | Path, out_dir: str | Path, since: str | date
         raise FileNotFoundError(f"no event store at {db_path}; pass the --events-dir the server wrote to")
     first, last = _parse_day(since, "since"), _parse_day(until, "until")
     out = Path(out_dir)
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
     try:
+        # One read transaction: the totals and every day's rows come from the same snapshot, so events the
+        # server commits meanwhile are in neither (WAL readers see the database as of their first read).
+        db.execute("BEGIN")
         totals = dict(db.execute("SELECT type, COUNT(*) FROM events GROUP BY type").fetchall())
-        bounds = db.execute("SELECT MIN(timestamp), MAX(timestamp) FROM events WHERE type='impression'").fetchone()
         files: list[str] = []
         days: dict[str, int] = {}
-        if bounds[0] is not None:
-            day = max(first or date.min, datetime.fromtimestamp(bounds[0], UTC).date())
-            end = min(last or date.max, datetime.fromtimestamp(bounds[1], UTC).date())
-            while day <= end:
-                rows = db.execute(_EXPORT_QUERY, (_day_start(day), _day_start(day + timedelta(days=1)))).fetchall()
-                if rows:
-                    target = out / f"{day.isoformat()}.parquet"
-                    with atomic_open(target, "wb") as handle:
-                        pq.write_table(_rows_to_table(rows), handle)
-                    files.append(str(target))
-                    days[day.isoformat()] = len(rows)
-                day += timedelta(days=1)
+        lo = _day_start(first) if first else float("-inf")
+        hi = _day_start(last + timedelta(days=1)) if last else float("inf")
+        for (number,) in db.execute(_EXPORT_DAYS, (lo, hi)).fetchall():
+            day = _EPOCH + timedelta(days=int(number))
+            rows = db.execute(_EXPORT_QUERY, (_day_start(day), _day_start(day + timedelta(days=1)))).fetchall()
+            if rows:
+                target = out / f"{day.isoformat()}.parquet"
+                with atomic_open(target, "wb") as handle:
+                    pq.write_table(_rows_to_table(rows), handle)
+                files.append(str(target))
+                days[day.isoformat()] = len(rows)
+        db.execute("COMMIT")
     finally:
         db.close()
     impressions = int(totals.get("impression", 0))

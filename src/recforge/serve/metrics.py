@@ -24,6 +24,9 @@ class ServeMetrics:
         self.canary_rollbacks = Counter("recforge_canary_rollbacks", "Automatic canary rollbacks.", ["kind"],
                                         registry=r)
         self.events = Counter("recforge_events_accepted", "Events stored, by type.", ["type"], registry=r)
+        self.event_write_failures = Counter(
+            "recforge_event_write_failures", "Event batches answered 503 because the event store could not write "
+            "(disk full, read-only).", registry=r)
         self.batch_size = Histogram("recforge_batch_size", "Requests merged into one model call.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.cold_start = Counter("recforge_cold_start", "Recommendations answered from popularity.", registry=r)

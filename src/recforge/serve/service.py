@@ -26,7 +26,7 @@ from recforge import registry
 from recforge.serve import ab
 from recforge.serve.batching import MicroBatcher
 from recforge.serve.canary import CanaryMonitor, CanaryThresholds
-from recforge.serve.events import EventStore, StoredEvent
+from recforge.serve.events import EventStore, EventStoreFull, StoredEvent
 from recforge.serve.metrics import ServeMetrics
 from recforge.serve.models import (
     LoadedModel,
@@ -184,6 +184,8 @@ class Service:
         self.batcher: MicroBatcher[Job, Served] = MicroBatcher(self._run_batch, self.executor,
                                                                settings.model_threads, settings.max_batch)
         self.events = EventStore(settings.events_dir)
+        # Why the last batch could not be stored (disk full), until a write succeeds again: /readyz fails meanwhile.
+        self.events_error: str | None = None
         # Where this process has read the shared events store up to: with several workers, each learns of the
         # events the others stored by reading on from here (sync_seen).
         self._events_cursor = self.events.last_id()
@@ -467,7 +469,14 @@ class Service:
     def store_events(self, events: Sequence[StoredEvent], seen: Sequence[tuple[str, RawId, RawId]]) -> int:
         """Runs in the events thread: durable first, then remembered for exclude_seen. Returns the number of
         events stored (by every worker)."""
-        self.events.append(events)
+        try:
+            self.events.append(events)
+        except EventStoreFull as exc:
+            self.events_error = str(exc)
+            self.metrics.event_write_failures.inc()
+            log.error("events not stored (answered 503): %s", exc)
+            raise
+        self.events_error = None
         if self.settings.workers > 1:
             self.sync_seen()  # reads this batch back in order with whatever the other workers stored meanwhile
         else:
@@ -479,6 +488,19 @@ class Service:
             if count:
                 self.metrics.events.labels(type_).inc(count)
         return self.events_total
+
+    def events_unwritable(self) -> str | None:
+        """Runs in the events thread: why events cannot be stored now, or None. After a failed write it tries a
+        real write each time it is asked, so readiness recovers by itself once space is freed."""
+        if self.events_error is not None:
+            try:
+                self.events.probe()
+            except EventStoreFull as exc:
+                self.events_error = str(exc)
+            else:
+                log.info("the event store takes writes again")
+                self.events_error = None
+        return self.events_error
 
     def sync_seen(self) -> None:
         """Runs in the events thread: remember the events stored since the last call by any worker (all of them

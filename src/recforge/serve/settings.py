@@ -30,6 +30,11 @@ class ServeSettings(BaseModel):
     alias: str = "production"
     experiments: Path | None = None
     events_dir: Path = Path("serve-events")
+    # Accepted event timestamps lie within [now - event_max_age_s, now + event_max_ahead_s] of the server's clock;
+    # others are answered 422. A client clock years ahead would otherwise date events into a future that training
+    # takes for the newest data. Replaying a recorded or simulated period: raise the bounds (inf: unbounded).
+    event_max_ahead_s: float = Field(86_400.0, ge=0.0)
+    event_max_age_s: float = Field(30 * 86_400.0, ge=0.0)
     # Retrieval candidates handed to the ranker per request.
     num_candidates: int = Field(200, ge=1, le=10_000)
     default_k: int = Field(10, ge=1)

@@ -77,7 +77,14 @@ def load_checkpoint(
 ) -> RunState:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint is data (tensors, dicts, lists, numbers), never code to run. Any
+    # failure to read it (truncated, flipped byte, not a checkpoint) is named by its file.
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors have no common base
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})"[:500]) from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a recforge checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
     if payload["config_digest"] != config_digest:
