@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -54,12 +56,19 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2 if isinstance(exc, config_module.ConfigError) else 1)
 
 
+# Failures a user can cause with bad input, files or settings: one line, no traceback. EOFError and
+# the pickle/zip errors come from damaged files (click would print a bare "Aborted." for EOFError);
+# anything else is a bug and keeps its traceback.
+EXPECTED_FAILURES = (ValueError, OSError, RuntimeError, LookupError, ArithmeticError, EOFError,
+                     pickle.UnpicklingError, zipfile.BadZipFile)
+
+
 def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - a thin wrapper for uniform error output
     try:
         return fn(*args, **kwargs)
     except typer.Exit:
         raise
-    except (ValueError, OSError, RuntimeError, KeyError, ArithmeticError) as exc:
+    except EXPECTED_FAILURES as exc:
         _fail(exc)
 
 

@@ -8,6 +8,7 @@ so a command and a pipeline step can never drift apart.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from recforge.runtime import (
 )
 from recforge.simulate.logs import generate as generate_world
 from recforge.storage import read_json, write_json, write_text
+from recforge.train.checkpoint import lock_run_dir
 from recforge.train.checkpoint import restore_run as restore_checkpoint_snapshot
 from recforge.train.objectives import InBatchRetrieval
 from recforge.train.plan import MemoryPlan, detect_device_memory, plan_memory
@@ -136,6 +138,16 @@ def restore_run(cfg: Config, uri: str, log: Log = print) -> Config:
 def train_model(cfg: Config, *, resume: bool = False, resume_from: str | None = None,
                 init_weights: Callable[[torch.nn.Module, FeatureSpec], dict[str, Any]] | None = None,
                 log: Log = print) -> TrainResult:
+    """Train into the run directory, holding its lock (rank 0 of a torchrun job, or a single process)."""
+    if os.environ.get("RANK", "0") != "0":
+        return _train_model(cfg, resume=resume, resume_from=resume_from, init_weights=init_weights, log=log)
+    with lock_run_dir(cfg.resolved_run_dir):
+        return _train_model(cfg, resume=resume, resume_from=resume_from, init_weights=init_weights, log=log)
+
+
+def _train_model(cfg: Config, *, resume: bool = False, resume_from: str | None = None,
+                 init_weights: Callable[[torch.nn.Module, FeatureSpec], dict[str, Any]] | None = None,
+                 log: Log = print) -> TrainResult:
     """Build the configured model on the prepared data and train it into the run directory.
 
     Run under torchrun (WORLD_SIZE > 1 in the environment) it trains as one rank of a DDP job.

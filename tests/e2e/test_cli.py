@@ -11,6 +11,8 @@ import pytest
 import torch
 from _cli import ML_SCHEMA, MOVIELENS, SMALL_WORLD, _recforge, run
 
+from recforge.train.checkpoint import read_checkpoint
+
 
 @pytest.fixture(scope="module")
 def quickstart_dir(tmp_path_factory) -> Path:
@@ -83,7 +85,7 @@ def test_sigterm_checkpoints_and_resumes(quickstart_dir, tmp_path):
             proc.kill()
     assert proc.returncode == 3, stderr
     assert "signal received" in stderr
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["state"]
+    state = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]
     assert state["global_step"] > 0 and not state["finished"]
 
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 from _cli import SMALL_WORLD, _recforge, run
 
+from recforge.train.checkpoint import read_checkpoint
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 
 # 2 ranks x 256 rows per step see the same rows per step as 1 rank x 512.
@@ -55,11 +57,11 @@ def test_two_rank_run_resumes_from_checkpoint_with_any_world_size(prepared, tmp_
     args = [f"workdir={prepared}", *COMMON, "train.batch_size=256", f"run_dir={tmp_path / 'run'}"]
     cut = run("train", "--nproc-per-node", "2", *args, "train.stop_after_steps=30", cwd=tmp_path, check=False)
     assert cut.returncode == 3, cut.stderr
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["state"]
+    state = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]
     assert state["global_step"] == 30 and state["world_size"] == 2 and not state["finished"]
     resumed = run("train", "--resume", "--nproc-per-node", "2", *args, cwd=tmp_path)
     assert "resumed from" in resumed.stderr
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["state"]
+    state = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]
     assert state["finished"] and state["epoch"] == 3
     rows = json.loads((prepared / "prepared" / "meta.json").read_text())["split"]["train"]["rows"]
     steps_per_epoch = -(-(rows // 2) // 256)

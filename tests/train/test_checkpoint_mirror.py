@@ -3,12 +3,23 @@ the newest committed one is what a restore takes, and older ones are pruned."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from recforge import storage
-from recforge.train.checkpoint import RunState, latest_snapshot, mirror_run, restore_run, snapshot_name
+from recforge.train.checkpoint import (
+    RunState,
+    latest_snapshot,
+    load_checkpoint,
+    lock_run_dir,
+    mirror_run,
+    restore_run,
+    save_checkpoint,
+    snapshot_name,
+)
 
 
 def _run_dir(root: Path, step: int) -> Path:
@@ -51,15 +62,35 @@ def test_mirror_prunes_and_restore_takes_the_newest_committed(tmp_path: Path) ->
         restore_run(mirror, restored)
 
 
-def test_load_checkpoint_refuses_corrupt_file_naming_it(tmp_path):
-    import pytest
-    import torch
-
-    from recforge.train.checkpoint import load_checkpoint
-
+def test_load_checkpoint_refuses_corrupt_file_naming_it(tmp_path: Path) -> None:
     model = torch.nn.Linear(2, 2)
     for name, data in (("empty.pt", b""), ("junk.pt", b"\x80\x04garbage")):
         path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(ValueError, match=name):
             load_checkpoint(path, model, [], None, "digest")
+
+
+def test_a_flipped_byte_in_a_weight_is_refused_naming_the_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model, [optimizer], None, RunState(), "digest")
+    load_checkpoint(path, torch.nn.Linear(64, 64), [torch.optim.SGD(model.parameters(), lr=0.1)], None, "digest")
+    raw = bytearray(path.read_bytes())
+    weight = model.weight.detach().numpy().tobytes()
+    at = bytes(raw).index(weight[:32]) + 100  # inside the stored weight tensor, not the zip metadata
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"last\.pt: checkpoint is damaged"):
+        load_checkpoint(path, torch.nn.Linear(64, 64), [torch.optim.SGD(model.parameters(), lr=0.1)], None, "digest")
+
+
+def test_a_second_trainer_on_a_locked_run_dir_fails_at_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    held = rf"{run_dir} is in use by another trainer \(pid {os.getpid()}\)"
+    with lock_run_dir(run_dir), pytest.raises(RuntimeError, match=held), lock_run_dir(run_dir):
+        pass
+    with lock_run_dir(run_dir):  # released when the holder ends
+        pass

@@ -14,10 +14,15 @@ one; older ones are pruned once a newer one is committed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,11 @@ from recforge import storage
 from recforge.storage import write_bytes
 
 CHECKPOINT_VERSION = 1
+# A checkpoint file is MAGIC + the sha256 (hex) of the torch.save body + the body. torch's zip
+# container does not notice a flipped byte inside a tensor, so without this a damaged weight would
+# resume silently; the digest lives in the same file so it cannot drift from the body after a crash.
+CHECKPOINT_MAGIC = b"RFCKPT1\n"
+_DIGEST_LEN = 64
 
 
 @dataclass
@@ -65,7 +75,33 @@ def save_checkpoint(
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    write_bytes(path, buffer.getvalue())
+    body = buffer.getvalue()
+    write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + body)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The verified payload of a checkpoint file; a damaged or foreign file is refused naming it.
+
+    Loaded with weights_only: a checkpoint is data (tensors, dicts, lists, numbers), never code to run.
+    Files written before the digest header (plain torch.save) still load, unverified.
+    """
+    raw = path.read_bytes()
+    body = raw
+    if raw.startswith(CHECKPOINT_MAGIC):
+        head = len(CHECKPOINT_MAGIC)
+        expected = raw[head:head + _DIGEST_LEN].decode("ascii", "replace")
+        body = raw[head + _DIGEST_LEN:]
+        actual = hashlib.sha256(body).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{path}: checkpoint is damaged (sha256 {actual}, written as {expected}); "
+                             "restore it from a mirror snapshot or train again")
+    try:
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors have no common base
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})"[:500]) from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a recforge checkpoint")
+    return payload
 
 
 def load_checkpoint(
@@ -77,14 +113,7 @@ def load_checkpoint(
 ) -> RunState:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-    # weights_only: a checkpoint is data (tensors, dicts, lists, numbers), never code to run. Any
-    # failure to read it (truncated, flipped byte, not a checkpoint) is named by its file.
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle/zip errors have no common base
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})"[:500]) from exc
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: not a recforge checkpoint")
+    payload = read_checkpoint(path)
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
     if payload["config_digest"] != config_digest:
@@ -101,6 +130,33 @@ def load_checkpoint(
     if payload["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng_cuda"])
     return RunState(**payload["state"])
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold `<run_dir>/.lock` for a run's whole life so a second trainer on the same run fails at once.
+
+    Two trainers on one directory would overwrite each other's checkpoints and weights for minutes
+    without an error. flock is released by the kernel when the process dies, so a crashed run never
+    leaves a stale lock behind; the pid inside only names the holder in the error.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise RuntimeError(f"run directory {run_dir} is in use by another trainer (pid {holder}); "
+                               "wait for it or choose another run_dir=...") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
