@@ -91,3 +91,19 @@ def test_a_full_event_store_is_503_counted_not_ready_and_recovers(client: TestCl
     assert "event store" not in client.get("/readyz").json()["detail"]  # not ready only for want of models now
     r = client.post("/v1/events", json=batch)
     assert r.status_code == 200 and r.json()["accepted"] == 1 and store.count() == stored + 1
+
+
+@pytest.mark.parametrize("raw", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b'"\\ud800"'])
+@pytest.mark.parametrize(("route", "template"), [
+    ("/v1/recommend", b'{"user_id": 1, "k": %s}'),
+    ("/v1/score", b'{"user_id": 1, "item_ids": [%s]}'),
+    ("/v1/events", b'{"events": [{"type": "impression", "request_id": "r", "user_id": "u", "item_id": %s, '
+                   b'"position": 1}]}'),
+    ("/v1/events", b'{"events": [{"type": "impression", "request_id": "r", "user_id": "u", "item_id": 3, '
+                   b'"position": 1, "timestamp": %s}]}'),
+])
+def test_unencodable_values_in_a_body_are_422_naming_the_field(client: TestClient, route: str, template: bytes,
+                                                               raw: bytes) -> None:
+    r = client.post(route, content=template % raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["message"].startswith("body.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,19 @@ def test_typed_id_restores_json_ints_only_for_canonical_integers() -> None:
     assert typed_id("42") == 42 and typed_id("-7") == -7
     assert typed_id("007") == "007" and typed_id("4.0") == "4.0" and typed_id("u1") == "u1"
     assert typed_id(str(2**64)) == str(2**64)
+
+
+def test_the_admin_token_comes_from_the_environment_or_a_file_only(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot be given as a flag or --set"):
+        ServeSettings.load({"registry": "/r", "admin_token": "s3cret"}, environ={})
+    secret = tmp_path / "token"
+    secret.write_text("  s3cret\n", encoding="utf-8")
+    from_file = ServeSettings.load({"registry": "/r"}, environ={"RECFORGE_ADMIN_TOKEN_FILE": str(secret)})
+    assert from_file.admin_token == "s3cret"
+    assert ServeSettings.load({"registry": "/r"}, environ={"RECFORGE_ADMIN_TOKEN": "s3cret \n"}).admin_token == "s3cret"
+    for blank in ("", "  \n"):
+        with pytest.raises(ValueError, match="empty or blank"):
+            ServeSettings.load({"registry": "/r"}, environ={"RECFORGE_ADMIN_TOKEN": blank})
+    secret.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"empty or blank.*|{secret}"):
+        ServeSettings.load({"registry": "/r"}, environ={"RECFORGE_ADMIN_TOKEN_FILE": str(secret)})

@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic_core import to_json
@@ -130,6 +129,13 @@ def _json_content(content: dict[str, Any]) -> Response:
     return Response(content=to_json(content, inf_nan_mode="null"), media_type="application/json")
 
 
+def _printable(value: object) -> str | int:
+    """A location or message part as JSON can carry it (lone surrogates escaped)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
     """The ASGI app; model loading starts in the background at startup (/readyz says when it is done)."""
     svc = service or Service(settings)
@@ -194,7 +200,10 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors())
+        # The offending input is not echoed: NaN, 1e400 or a lone surrogate cannot be encoded as JSON,
+        # and a response that fails to encode closes the connection with no answer at all.
+        errors = [{"type": str(e.get("type", "")), "loc": [_printable(part) for part in e.get("loc", ())],
+                   "msg": _printable(e.get("msg", ""))} for e in exc.errors()]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(map(str, first.get("loc", [])))
         return JSONResponse(status_code=422, content={"detail": errors, "message": f"{where}: {first.get('msg')}"})

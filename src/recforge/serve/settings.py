@@ -15,6 +15,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 ENV_PREFIX = "RECFORGE_SERVE_"
 ADMIN_TOKEN_ENV = "RECFORGE_ADMIN_TOKEN"
+# A file holding the token (a mounted secret), for deployments that keep secrets out of the environment.
+ADMIN_TOKEN_FILE_ENV = "RECFORGE_ADMIN_TOKEN_FILE"
+
+
+def admin_token_from(env: Mapping[str, str]) -> str | None:
+    """The admin token from the environment or the file it names, stripped; never from flags or --set.
+
+    A flag would show the token in `ps`. A file written by `echo` ends in a newline that a client
+    never sends, so both sides are stripped; an empty or blank token would switch admin on with a
+    secret anyone can guess, so it is refused.
+    """
+    inline, path = env.get(ADMIN_TOKEN_ENV), env.get(ADMIN_TOKEN_FILE_ENV)
+    if inline is not None and path is not None:
+        raise ValueError(f"set {ADMIN_TOKEN_ENV} or {ADMIN_TOKEN_FILE_ENV}, not both")
+    if path is not None:
+        try:
+            inline = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{ADMIN_TOKEN_FILE_ENV}={path}: cannot read the admin token ({exc})") from None
+    if inline is None:
+        return None
+    token = inline.strip()
+    if not token:
+        where = f"the file {path}" if path is not None else ADMIN_TOKEN_ENV
+        raise ValueError(f"the admin token in {where} is empty or blank; set a real secret or unset it")
+    return token
 
 
 class ServeSettings(BaseModel):
@@ -65,6 +91,15 @@ class ServeSettings(BaseModel):
     log_level: str = "info"
     admin_token: str | None = Field(None, repr=False, description=f"From the {ADMIN_TOKEN_ENV} environment variable.")
 
+    @field_validator("admin_token")
+    @classmethod
+    def _stripped_token(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("the admin token is empty or blank")
+        return value.strip()
+
     @model_validator(mode="before")
     @classmethod
     def _share_cores(cls, data: Any) -> Any:
@@ -106,9 +141,12 @@ class ServeSettings(BaseModel):
         if unknown:
             raise ValueError(f"unknown serve setting(s) in the environment: {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(ENV_PREFIX + f.upper() for f in sorted(fields))}")
+        if (overrides or {}).get("admin_token") is not None:
+            raise ValueError(f"admin_token cannot be given as a flag or --set (it would show in `ps`); "
+                             f"set {ADMIN_TOKEN_ENV} or {ADMIN_TOKEN_FILE_ENV}")
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        token = env.get(ADMIN_TOKEN_ENV)
-        if token:
+        token = admin_token_from(env)
+        if token is not None:
             values["admin_token"] = token
         try:
             return cls(**values)
