@@ -1,4 +1,8 @@
-"""Container HEALTHCHECK for `recforge serve`: GET /healthz on this container's port; exit 0 only on HTTP 200.
+"""Container HEALTHCHECK for `recforge serve`: GET /readyz on this container's port; exit 0 only on HTTP 200.
+
+/healthz only says the process answers: it is 200 even when no model ever loaded, so a container
+that cannot serve a single recommendation would look healthy. The container is healthy when it can
+serve (/readyz: models loaded, event store writable); the HEALTHCHECK's start period covers loading.
 
 Python's standard library instead of curl, so the image needs nothing the server itself does not; the
 one-line reason goes to stderr, where `docker inspect` shows it under State.Health.
@@ -25,7 +29,7 @@ def check(url: str, timeout_s: float) -> str | None:
 
 def main() -> int:
     port = os.environ.get("RECFORGE_SERVE_PORT", "8000")
-    url = os.environ.get("RECFORGE_HEALTHCHECK_URL", f"http://127.0.0.1:{port}/healthz")
+    url = os.environ.get("RECFORGE_HEALTHCHECK_URL", f"http://127.0.0.1:{port}/readyz")
     problem = check(url, float(os.environ.get("RECFORGE_HEALTHCHECK_TIMEOUT_S", "4")))
     if problem is not None:
         print(f"unhealthy: {url}: {problem}", file=sys.stderr)

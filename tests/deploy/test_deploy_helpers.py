@@ -34,7 +34,7 @@ TINY = ["data.generate.users=800", "data.generate.items=300", "data.generate.eve
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        self.send_response(200 if self.path == "/healthz" else 503)
+        self.send_response(200 if self.path == "/readyz" else 503)
         self.end_headers()
 
     def log_message(self, *args: object) -> None:
@@ -57,13 +57,14 @@ def healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
                           env={**clean, **env})
 
 
-def test_healthcheck_passes_only_on_http_200_from_healthz(http_server):
+def test_healthcheck_passes_only_on_http_200_from_readyz(http_server):
+    # A server that is alive (/healthz) but cannot serve (/readyz 503) is an unhealthy container.
     assert healthcheck(RECFORGE_SERVE_PORT=str(http_server)).returncode == 0
-    bad = healthcheck(RECFORGE_HEALTHCHECK_URL=f"http://127.0.0.1:{http_server}/readyz")
-    assert bad.returncode == 1 and bad.stderr.strip().endswith("/readyz: HTTP 503")
+    bad = healthcheck(RECFORGE_HEALTHCHECK_URL=f"http://127.0.0.1:{http_server}/healthz")
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("/healthz: HTTP 503")
     closed = free_port()
     down = healthcheck(RECFORGE_SERVE_PORT=str(closed), RECFORGE_HEALTHCHECK_TIMEOUT_S="2")
-    assert down.returncode == 1 and f"unhealthy: http://127.0.0.1:{closed}/healthz:" in down.stderr
+    assert down.returncode == 1 and f"unhealthy: http://127.0.0.1:{closed}/readyz:" in down.stderr
 
 
 def image_command() -> list[str]:
