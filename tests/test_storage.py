@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +104,21 @@ def test_a_damaged_json_file_is_named_in_the_error(tmp_path, content, why):
     with pytest.raises(ValueError, match=why) as err:
         storage.read_marker(tmp_path / "d")
     assert storage.COMMIT_MARKER in str(err.value)
+
+
+def test_exclusive_lock_refuses_a_second_holder_naming_its_pid_and_frees_on_death(tmp_path: Path) -> None:
+    lock = tmp_path / "run" / ".lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from recforge.storage import exclusive_lock\n"
+         f"with exclusive_lock(Path({str(lock)!r}), 'busy'):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"^in use by pid {holder.pid}$"), \
+                storage.exclusive_lock(lock, "in use by pid {pid}"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with storage.exclusive_lock(lock, "in use by pid {pid}"):  # the kernel dropped the dead holder's lock
+        assert lock.read_text(encoding="ascii").strip() == str(os.getpid())

@@ -583,8 +583,6 @@ def verify_bundle(path: Path, manifest: Mapping[str, Any], *, exact: bool = Fals
     try:
         for name in files:
             check_relative(name, root / MANIFEST)
-        if exact:
-            refuse_links(root)
     except StorageError as exc:
         raise BundleError(str(exc)) from None
     missing = [name for name in required_files(manifest) if name not in files]
@@ -595,12 +593,7 @@ def verify_bundle(path: Path, manifest: Mapping[str, Any], *, exact: bool = Fals
                           f"{manifest.get('kind')} bundle of schema {manifest.get('schema_version')} needs; "
                           "the bundle is incomplete or was modified")
     if exact:
-        known = {*files, MANIFEST, *allowed_extra}
-        extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                       if p.is_file() and p.relative_to(root).as_posix() not in known)
-        if extra:
-            raise BundleError(f"bundle {root} holds files its {MANIFEST} does not list: {', '.join(extra[:5])}"
-                              f"{' ...' if len(extra) > 5 else ''}; the bundle was modified")
+        check_only_listed(root, manifest, allowed_extra)
     for name, expected in files.items():
         file = root / name
         if not file.is_file():
@@ -609,6 +602,22 @@ def verify_bundle(path: Path, manifest: Mapping[str, Any], *, exact: bool = Fals
         if found != expected:
             raise BundleError(f"bundle {root}: {name} does not match {MANIFEST} (sha256 expected {expected}, "
                               f"found {found}); the bundle is corrupt or was modified")
+
+
+def check_only_listed(path: Path, manifest: Mapping[str, Any], allowed_extra: Sequence[str] = ()) -> None:
+    """The bundle directory holds its manifest's files (and `allowed_extra`) and nothing else, and no
+    symbolic link. Cheap (no hashing): publish runs it before load_bundle, which hashes."""
+    root = Path(path)
+    try:
+        refuse_links(root)
+    except StorageError as exc:
+        raise BundleError(str(exc)) from None
+    known = {*manifest.get("files", {}), MANIFEST, *allowed_extra}
+    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and p.relative_to(root).as_posix() not in known)
+    if extra:
+        raise BundleError(f"bundle {root} holds files its {MANIFEST} does not list: {', '.join(extra[:5])}"
+                          f"{' ...' if len(extra) > 5 else ''}; the bundle was modified")
 
 
 def _load_vocab(root: Path, manifest: Mapping[str, Any]) -> dict[str, VocabTable]:

@@ -7,6 +7,7 @@ so a command and a pipeline step can never drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -139,9 +140,9 @@ def train_model(cfg: Config, *, resume: bool = False, resume_from: str | None = 
                 init_weights: Callable[[torch.nn.Module, FeatureSpec], dict[str, Any]] | None = None,
                 log: Log = print) -> TrainResult:
     """Train into the run directory, holding its lock (rank 0 of a torchrun job, or a single process)."""
-    if os.environ.get("RANK", "0") != "0":
-        return _train_model(cfg, resume=resume, resume_from=resume_from, init_weights=init_weights, log=log)
-    with lock_run_dir(cfg.resolved_run_dir):
+    # The other ranks of a torchrun job share rank 0's run directory (and its lock).
+    lock = lock_run_dir(cfg.resolved_run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
         return _train_model(cfg, resume=resume, resume_from=resume_from, init_weights=init_weights, log=log)
 
 

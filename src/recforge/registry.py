@@ -472,9 +472,9 @@ def _publish(root: str | Path | RegistryStore, bundle_dir: Path, model_name: str
     store = _store(root)
     model = _check_name(model_name)
     bundle = _bundle()
+    loaded = bundle.load_bundle(bundle_dir)  # verifies every listed file; raises BundleError with its own message
     # Exactly the manifest's files and no links: what is stored is then exactly what was hashed.
-    bundle.verify_bundle(bundle_dir, bundle.read_manifest(bundle_dir), exact=True, allowed_extra=allowed_extra)
-    loaded = bundle.load_bundle(bundle_dir)  # raises BundleError with the bundle's own message
+    bundle.check_only_listed(bundle_dir, loaded.manifest, allowed_extra)
     meta = {"published": _now(), "published_unix": time.time(), "note": note, "user": _user(),
             "source": source, "kind": loaded.kind,
             "bundle_model_name": loaded.manifest.get("model_name")}
@@ -504,10 +504,10 @@ def _parse_ref(store: RegistryStore, model: str, ref: str | int) -> int:
             raise RegistryError(f"model {model!r} has no published versions")
         return committed[-1]
     digits = text[1:] if text[:1] in ("v", "V") and text[1:].isdigit() else text
-    if digits.isdigit() and not _is_number(digits):
-        raise RegistryError(f"invalid version {str(ref)!r} of {model!r}: write the number in ASCII digits (1, 2, ...), "
-                            "an alias or 'latest'")
-    if digits.isdigit():
+    if digits.isdigit():  # str.isdigit() also takes '²' or Arabic-Indic digits, which int() refuses
+        if not _is_number(digits):
+            raise RegistryError(f"invalid version {str(ref)!r} of {model!r}: write the number in ASCII digits "
+                                "(1, 2, ...), an alias or 'latest'")
         number = int(digits)
         if number not in committed:
             raise RegistryError(f"model {model!r} has no version {number} (versions: "

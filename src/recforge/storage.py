@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -113,6 +114,27 @@ def parse_json(data: bytes | str, where: str | Path) -> Any:
 
 def read_json(path: str | Path) -> Any:
     return parse_json(Path(path).read_bytes(), path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` for the block; raise RuntimeError(`busy`) at once if it is held.
+
+    The kernel drops the lock when its holder dies, so a killed process never leaves a stale lock
+    behind. The holder's pid is written inside only so that `busy` can name it: `{pid}` in `busy`
+    is replaced by it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="ascii") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise RuntimeError(busy.replace("{pid}", handle.read(32).strip() or "unknown")) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 def check_relative(name: str, where: str | Path) -> str:

@@ -9,9 +9,8 @@ The cycle closes (the watermark moves) when the gate refuses or once the canary 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from recforge.pipeline import ingest
 from recforge.pipeline.cycle import Cycle, Log, crash_point
 from recforge.pipeline.runlog import RunLog, read_marker, write_marker
 from recforge.pipeline.settings import PipelineConfig
+from recforge.storage import exclusive_lock
 
 CYCLE_STEPS = ("prepare", "train", "export", "evaluate", "gate", "publish", "canary")
 STEPS = ("ingest", *CYCLE_STEPS, "promote")
@@ -119,16 +119,10 @@ def _summary(cycle: Cycle | None, promoted: dict[str, Any] | None) -> dict[str, 
             "promote": promoted}
 
 
-@contextlib.contextmanager
-def _exclusive(state: Path) -> Iterator[None]:
+def _exclusive(state: Path) -> contextlib.AbstractContextManager[None]:
     """One pipeline run per state dir at a time; the OS drops the lock when a killed run dies."""
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / ".lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another `recforge pipeline run` is using {state}; wait for it to finish") from None
-        yield
+    return exclusive_lock(state / ".lock", f"another `recforge pipeline run` (pid {{pid}}) is using {state}; "
+                          "wait for it to finish")
 
 
 def run(cfg: PipelineConfig, step: str | None = None, log: Log = print) -> dict[str, Any]:

@@ -303,7 +303,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     async def events(body: EventsRequest) -> EventsResponse:
         started = time.perf_counter()
         now = time.time()
-        late = [{"type": "value_error", "loc": ("body", "events", i, "timestamp"), "msg": problem, "input": e.timestamp}
+        late = [{"type": "value_error", "loc": ("body", "events", i, "timestamp"), "msg": problem}
                 for i, e in enumerate(body.events) if e.timestamp is not None and (problem := timestamp_problem(
                     e.timestamp, now, settings.event_max_ahead_s, settings.event_max_age_s))]
         if late:

@@ -234,22 +234,22 @@ class ExportReport:
 # The time an event is exported and partitioned at: the client's timestamp, but never later than when the
 # server received it. A client clock set years ahead (or a row stored before the server bounded timestamps)
 # must not create a far-future day file that a pipeline would take for the newest data.
-_TRUSTED_TIME = "MIN(timestamp, received)"
+_TRUSTED_TIME = "MIN(i.timestamp, i.received)"
 
-_EXPORT_QUERY = """
-SELECT i.user_id, i.item_id, MIN(i.timestamp, i.received), i.position, i.context, i.item_features, i.request_id,
+_EXPORT_QUERY = f"""
+SELECT i.user_id, i.item_id, {_TRUSTED_TIME}, i.position, i.context, i.item_features, i.request_id,
        i.assignments, i.model_version,
        EXISTS (SELECT 1 FROM events c WHERE c.request_id = i.request_id AND c.item_id = i.item_id
                AND c.type = 'click') AS label
 FROM events i
-WHERE i.type = 'impression' AND MIN(i.timestamp, i.received) >= ? AND MIN(i.timestamp, i.received) < ?
+WHERE i.type = 'impression' AND {_TRUSTED_TIME} >= ? AND {_TRUSTED_TIME} < ?
   AND i.id = (SELECT MIN(d.id) FROM events d WHERE d.request_id = i.request_id AND d.item_id = i.item_id
               AND d.type = 'impression')
-ORDER BY MIN(i.timestamp, i.received), i.id
+ORDER BY {_TRUSTED_TIME}, i.id
 """
 _EXPORT_DAYS = f"""
-SELECT DISTINCT CAST({_TRUSTED_TIME} / 86400 AS INTEGER) FROM events
-WHERE type = 'impression' AND {_TRUSTED_TIME} >= ? AND {_TRUSTED_TIME} < ? ORDER BY 1
+SELECT DISTINCT CAST({_TRUSTED_TIME} / 86400 AS INTEGER) FROM events i
+WHERE i.type = 'impression' AND {_TRUSTED_TIME} >= ? AND {_TRUSTED_TIME} < ? ORDER BY 1
 """
 
 

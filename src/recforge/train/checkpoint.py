@@ -15,14 +15,11 @@ one; older ones are pruned once a newer one is committed.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,31 +129,11 @@ def load_checkpoint(
     return RunState(**payload["state"])
 
 
-@contextlib.contextmanager
-def lock_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold `<run_dir>/.lock` for a run's whole life so a second trainer on the same run fails at once.
-
-    Two trainers on one directory would overwrite each other's checkpoints and weights for minutes
-    without an error. flock is released by the kernel when the process dies, so a crashed run never
-    leaves a stale lock behind; the pid inside only names the holder in the error.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise RuntimeError(f"run directory {run_dir} is in use by another trainer (pid {holder}); "
-                               "wait for it or choose another run_dir=...") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+def lock_run_dir(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold `<run_dir>/.lock` for a run's whole life: two trainers on one directory would overwrite
+    each other's checkpoints and weights for minutes without an error."""
+    return storage.exclusive_lock(run_dir / ".lock", f"run directory {run_dir} is in use by another trainer "
+                                  "(pid {pid}); wait for it or choose another run_dir=...")
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
