@@ -94,16 +94,17 @@ def test_a_full_event_store_is_503_counted_not_ready_and_recovers(client: TestCl
 
 
 @pytest.mark.parametrize("raw", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b'"\\ud800"'])
-@pytest.mark.parametrize(("route", "template"), [
-    ("/v1/recommend", b'{"user_id": 1, "k": %s}'),
-    ("/v1/score", b'{"user_id": 1, "item_ids": [%s]}'),
+@pytest.mark.parametrize(("route", "template", "field"), [
+    ("/v1/recommend", b'{"user_id": 1, "k": %s}', "body.k"),
+    ("/v1/score", b'{"user_id": 1, "item_ids": [%s]}', "body.item_ids.0"),
     ("/v1/events", b'{"events": [{"type": "impression", "request_id": "r", "user_id": "u", "item_id": %s, '
-                   b'"position": 1}]}'),
+                   b'"position": 1}]}', "body.events.0.item_id"),
     ("/v1/events", b'{"events": [{"type": "impression", "request_id": "r", "user_id": "u", "item_id": 3, '
-                   b'"position": 1, "timestamp": %s}]}'),
+                   b'"position": 1, "timestamp": %s}]}', "body.events.0.timestamp"),
 ])
 def test_unencodable_values_in_a_body_are_422_naming_the_field(client: TestClient, route: str, template: bytes,
-                                                               raw: bytes) -> None:
+                                                               field: str, raw: bytes) -> None:
     r = client.post(route, content=template % raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
-    assert r.json()["message"].startswith("body.")
+    assert r.json()["message"].startswith(field), r.json()["message"]
+    assert "input" not in r.json()["detail"][0]
