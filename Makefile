@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 DEV_LOCK := requirements/dev-lock.txt
 
-.PHONY: quickstart test test-airflow lint bench lock lock-cuda audit clean
+.PHONY: quickstart test test-airflow lint layering bench lock lock-cuda audit clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "recforge needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -40,6 +40,10 @@ test-airflow: $(VENV)/.installed
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
+
+# The declared layering (docs/architecture.md) and every import edge of the package against it.
+layering: $(VENV)/.installed
+	$(BIN)/python tools/layering.py
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/train_throughput.py

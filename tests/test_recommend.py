@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from recforge.evaluate import full_catalog_metrics
 from recforge.index import ItemIndex
 from recforge.metrics import recall_at_k
-from recforge.recommend import Requests, full_catalog_metrics, rank, recommend, retrieve
+from recforge.recommend import Requests, rank, recommend, retrieve
 
 ITEMS = 50
 DIM = 4

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
+from recforge.arrays import slice_users
 from recforge.metrics import (
     catalog_coverage,
     hit_rate_at_k,
     mrr_at_k,
     ndcg_at_k,
     recall_at_k,
-    slice_users,
     topk_from_scores,
 )
 

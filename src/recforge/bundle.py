@@ -344,7 +344,7 @@ _ONNX_SYMBOLICS = {"aten::index_add": _onnx_index_add, "aten::repeat_interleave"
 def _export_example(inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A few rows to trace with, the longest histories first: a traced graph keeps the branches its
     example took, so an example whose histories are all empty would export a history-blind model."""
-    from recforge.data.batches import gather_ragged
+    from recforge.arrays import gather_ragged
 
     categorical, numeric, values, offsets = inputs
     batch = categorical.shape[0]

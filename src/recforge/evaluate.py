@@ -2,18 +2,32 @@
 
 `evaluate` takes anything with the model signature (categorical, numeric) -> logits: an eager
 model, a scripted or loaded bundle, or the popularity baseline, so the numbers reported for a
-model in training, in export and in serving come from one function.
+model in training, in export and in serving come from one function. Retrieval is judged the same
+way for every user encoder: `full_catalog_metrics` ranks the whole catalog, no sampled negatives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from recforge.arrays import Csr, pairs_to_csr, slice_users
 from recforge.data.batches import SplitData, iterate_batches
-from recforge.metrics import auc, gauc_detail, logloss, sigmoid
+from recforge.metrics import (
+    auc,
+    catalog_coverage,
+    gauc_detail,
+    hit_rate_at_k,
+    logloss,
+    mrr_at_k,
+    ndcg_at_k,
+    recall_at_k,
+    sigmoid,
+    topk_from_scores,
+)
 
 # (categorical, numeric, history_values, history_offsets) -> logits: every model's signature.
 Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,3 +70,65 @@ def evaluate(
 ) -> dict[str, float]:
     logits = predict_logits(scorer, data, batch_size, device)
     return ranking_metrics(data.label.numpy().astype(np.float64), logits, data.user_key)
+
+
+def full_catalog_metrics(
+    score_chunk: Callable[[int, int], np.ndarray],
+    num_users: int,
+    truth: Csr,
+    exclude: Csr,
+    num_items: int,
+    ks: tuple[int, ...] = (10, 20),
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Recall/NDCG/HitRate/MRR@k and coverage, ranking EVERY item for every user (no sampled negatives).
+
+    `score_chunk(start, stop)` returns the [stop - start, num_items] scores of those users; users
+    are scored a chunk at a time so the full score matrix never exists.
+    """
+    kmax = max(ks)
+    tops = []
+    for start in range(0, num_users, chunk):
+        stop = min(start + chunk, num_users)
+        scores = np.asarray(score_chunk(start, stop), dtype=np.float64)
+        scores[:, 0] = -np.inf  # index 0 is the unknown item, never a recommendation
+        tops.append(topk_from_scores(scores, kmax, slice_users(exclude, start, stop)))
+    top = np.concatenate(tops) if tops else np.zeros((0, kmax), dtype=np.int64)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = recall_at_k(top, truth, k)
+        out[f"ndcg@{k}"] = ndcg_at_k(top, truth, k)
+        out[f"hitrate@{k}"] = hit_rate_at_k(top, truth, k)
+        out[f"mrr@{k}"] = mrr_at_k(top, truth, k)
+        out[f"coverage@{k}"] = catalog_coverage(top[:, :k], num_items)
+    out["users"] = float(num_users)
+    return out
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Who is asked, with what, and what counts as a hit, for full-catalog evaluation of a split."""
+
+    users: np.ndarray  # user keys, sorted
+    queries: SplitData  # one row per user: their first row of the split (context + history before it)
+    truth: Csr  # per user: items they clicked in the split
+    exclude: Csr  # per user: items they clicked in training (never recommended back)
+
+
+def retrieval_task(train: SplitData, data: SplitData, times: np.ndarray, item_col: int) -> RetrievalTask:
+    """The users of `data` with at least one positive, queried at their first positive's moment."""
+    positive = (data.label > 0).numpy()
+    positive_rows = np.flatnonzero(positive)
+    if len(positive_rows) == 0:
+        raise ValueError(f"split '{data.name}' has no positive rows to evaluate retrieval on")
+    by_user_time = positive_rows[np.lexsort((times[positive_rows], data.user_key[positive_rows]))]
+    users, first = np.unique(data.user_key[by_user_time], return_index=True)
+    queries = data.select(torch.from_numpy(by_user_time[first]))
+    truth = pairs_to_csr(np.searchsorted(users, data.user_key[positive_rows]),
+                         data.categorical[positive_rows, item_col].numpy(), len(users))
+    train_rows = np.flatnonzero((train.label > 0).numpy())
+    train_users = train.user_key[train_rows]
+    known = np.isin(train_users, users)
+    exclude = pairs_to_csr(np.searchsorted(users, train_users[known]),
+                           train.categorical[train_rows[known], item_col].numpy(), len(users))
+    return RetrievalTask(users, queries, truth, exclude)

@@ -26,12 +26,11 @@ from recforge.data.batches import SplitData
 from recforge.data.prepare import PreparedInfo, prepare
 from recforge.data.sources import read_events
 from recforge.data.validate import ValidationResult, validate, write_outputs
-from recforge.evaluate import evaluate
+from recforge.evaluate import RetrievalTask, evaluate, full_catalog_metrics, retrieval_task
 from recforge.index import ItemIndex
 from recforge.models import FeatureSpec, build_model
 from recforge.models.popularity import fit_popularity
 from recforge.models.two_tower import TwoTower
-from recforge.recommend import RetrievalTask, full_catalog_metrics, retrieval_task
 from recforge.runtime import (
     choose_device,
     cleanup_distributed,

@@ -17,6 +17,8 @@ from typing import TypedDict
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from recforge.arrays import CsrLike, check_csr, csr_owners, in_sorted
+
 # Keeps Platt's Newton system well conditioned when scores separate the classes perfectly (the
 # unpenalized slope would run off to infinity); applied to the slope on standardized scores.
 _PLATT_RIDGE = 1e-4
@@ -230,38 +232,6 @@ def fit_platt(scores: ArrayLike, labels: ArrayLike, iters: int = 50) -> tuple[fl
 # user's ground truth is one np.searchsorted of (user * base + item) keys into the sorted truth
 # keys: no per-user Python, whatever the number of users.
 
-CsrLike = tuple[ArrayLike, ArrayLike]
-
-
-def _csr(pair: CsrLike, num_users: int, name: str) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    indptr = np.asarray(pair[0], dtype=np.int64)
-    indices = np.asarray(pair[1], dtype=np.int64)
-    if indptr.ndim != 1 or indptr.shape[0] != num_users + 1:
-        raise ValueError(f"{name} indptr must be 1-d of length users + 1 = {num_users + 1}, got shape {indptr.shape}")
-    if indices.ndim != 1 or indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(np.diff(indptr) < 0):
-        raise ValueError(
-            f"{name} is not a valid (indptr, indices) pair: indptr must start at 0, never decrease and end at "
-            f"len(indices) = {indices.shape[0]}"
-        )
-    if indices.shape[0] and indices.min() < 0:
-        raise ValueError(f"{name} holds negative item indices")
-    return indptr, indices
-
-
-def _csr_users(indptr: NDArray[np.int64]) -> NDArray[np.int64]:
-    """The user of every stored entry (the row ids of a CSR matrix)."""
-    return np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int64), np.diff(indptr))
-
-
-def slice_users(pair: CsrLike, start: int, stop: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Users [start, stop) of a CSR pair, re-based to start at 0: the `exclude` of one chunk of users."""
-    indptr = np.asarray(pair[0], dtype=np.int64)
-    indices = np.asarray(pair[1], dtype=np.int64)
-    if not 0 <= start <= stop <= indptr.shape[0] - 1:
-        raise ValueError(f"user range [{start}, {stop}) is outside the {indptr.shape[0] - 1} users")
-    return indptr[start : stop + 1] - indptr[start], indices[indptr[start] : indptr[stop]]
-
-
 def topk_from_scores(scores: ArrayLike, k: int, exclude: CsrLike | None = None) -> NDArray[np.int64]:
     """The k highest-scoring items of each user, best first: [users, items] scores -> [users, k] item ids.
 
@@ -283,12 +253,12 @@ def topk_from_scores(scores: ArrayLike, k: int, exclude: CsrLike | None = None) 
         raise ValueError("scores contain NaN; a ranking needs a total order (score excluded items -inf instead)")
     n_users, n_items = s.shape
     if exclude is not None:
-        indptr, indices = _csr(exclude, n_users, "exclude")
+        indptr, indices = check_csr(exclude, n_users, "exclude")
         if indices.shape[0]:
             if indices.max() >= n_items:
                 raise ValueError(f"exclude holds item {int(indices.max())} but scores cover only {n_items} items")
             s = s.copy()  # never write into the caller's scores
-            s[_csr_users(indptr), indices] = -np.inf
+            s[csr_owners(indptr), indices] = -np.inf
     take = min(k, n_items)
     out = np.full((n_users, k), -1, dtype=np.int64)
     if n_users == 0 or take == 0:
@@ -304,18 +274,6 @@ def topk_from_scores(scores: ArrayLike, k: int, exclude: CsrLike | None = None) 
     return out
 
 
-def in_sorted(sorted_keys: NDArray[np.int64], query: NDArray[np.int64]) -> NDArray[np.bool_]:
-    """Elementwise membership of `query` in the ascending array `sorted_keys` (one searchsorted).
-
-    The (user, item) pair tests of retrieval, exclusion and negative sampling all encode pairs as
-    user * base + item and ask this question.
-    """
-    if sorted_keys.shape[0] == 0:
-        return np.zeros(np.shape(query), dtype=bool)
-    position = np.minimum(np.searchsorted(sorted_keys, query), sorted_keys.shape[0] - 1)
-    return sorted_keys[position] == query
-
-
 def _retrieval_hits(
     topk: ArrayLike, truth: CsrLike, k: int | None
 ) -> tuple[NDArray[np.bool_], NDArray[np.int64], int]:
@@ -328,10 +286,10 @@ def _retrieval_hits(
         raise ValueError(f"k must lie in [1, {top.shape[1]}] (the length of the top-k lists), got {k}")
     top = top[:, :k].astype(np.int64, copy=False)
     n_users = top.shape[0]
-    indptr, indices = _csr(truth, n_users, "truth")
+    indptr, indices = check_csr(truth, n_users, "truth")
     # Keys user * base + item are unique per (user, item) for any base above every item id.
     base = max(int(top.max(initial=0)), int(indices.max(initial=0))) + 1
-    truth_keys = np.unique(_csr_users(indptr) * base + indices)  # sorted; repeated truth items count once
+    truth_keys = np.unique(csr_owners(indptr) * base + indices)  # sorted; repeated truth items count once
     n_truth = np.bincount(truth_keys // base, minlength=n_users).astype(np.int64)
     keys = np.arange(n_users, dtype=np.int64)[:, None] * base + top
     hit = in_sorted(truth_keys, keys) & (top >= 0)  # -1 marks an empty slot, never a hit

@@ -10,26 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from recforge.data.batches import SplitData, gather_ragged
-from recforge.index import ItemIndex
-from recforge.metrics import (
-    catalog_coverage,
-    hit_rate_at_k,
-    in_sorted,
-    mrr_at_k,
-    ndcg_at_k,
-    recall_at_k,
-    slice_users,
-    topk_from_scores,
-)
+from recforge.arrays import Csr, gather_ragged, in_sorted
+
+if TYPE_CHECKING:
+    # Only retrieval needs FAISS: a server that loads no retrieval bundle never imports it.
+    from recforge.index import ItemIndex
 
 # (categorical, numeric, history_values, history_offsets) -> [B] logits or [B, D] user vectors.
 Encoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Csr = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -131,78 +124,3 @@ def recommend(
         ranking_scores=top.values,
         retrieval_scores=retrieval_scores.gather(1, top.indices),
     )
-
-
-def full_catalog_metrics(
-    score_chunk: Callable[[int, int], np.ndarray],
-    num_users: int,
-    truth: Csr,
-    exclude: Csr,
-    num_items: int,
-    ks: tuple[int, ...] = (10, 20),
-    chunk: int = 1024,
-) -> dict[str, float]:
-    """Recall/NDCG/HitRate/MRR@k and coverage, ranking EVERY item for every user (no sampled negatives).
-
-    `score_chunk(start, stop)` returns the [stop - start, num_items] scores of those users; users
-    are scored a chunk at a time so the full score matrix never exists.
-    """
-    kmax = max(ks)
-    tops = []
-    for start in range(0, num_users, chunk):
-        stop = min(start + chunk, num_users)
-        scores = np.asarray(score_chunk(start, stop), dtype=np.float64)
-        scores[:, 0] = -np.inf  # index 0 is the unknown item, never a recommendation
-        tops.append(topk_from_scores(scores, kmax, slice_users(exclude, start, stop)))
-    top = np.concatenate(tops) if tops else np.zeros((0, kmax), dtype=np.int64)
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"recall@{k}"] = recall_at_k(top, truth, k)
-        out[f"ndcg@{k}"] = ndcg_at_k(top, truth, k)
-        out[f"hitrate@{k}"] = hit_rate_at_k(top, truth, k)
-        out[f"mrr@{k}"] = mrr_at_k(top, truth, k)
-        out[f"coverage@{k}"] = catalog_coverage(top[:, :k], num_items)
-    out["users"] = float(num_users)
-    return out
-
-
-@dataclass(frozen=True)
-class RetrievalTask:
-    """Who is asked, with what, and what counts as a hit, for full-catalog evaluation of a split."""
-
-    users: np.ndarray  # user keys, sorted
-    queries: SplitData  # one row per user: their first row of the split (context + history before it)
-    truth: Csr  # per user: items they clicked in the split
-    exclude: Csr  # per user: items they clicked in training (never recommended back)
-
-
-def pairs_to_csr(owner: np.ndarray, items: np.ndarray, num_owners: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unique (owner, item) pairs as (indptr, indices), sorted by owner then item."""
-    if len(owner) == 0:
-        return np.zeros(num_owners + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    span = int(items.max()) + 1
-    keys = np.unique(owner.astype(np.int64) * span + items)
-    rows, cols = keys // span, keys % span
-    indptr = np.zeros(num_owners + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=num_owners), out=indptr[1:])
-    return indptr, cols.astype(np.int64)
-
-
-
-def retrieval_task(train: SplitData, data: SplitData, times: np.ndarray, item_col: int) -> RetrievalTask:
-    """The users of `data` with at least one positive, queried at their first positive's moment."""
-    positive = (data.label > 0).numpy()
-    positive_rows = np.flatnonzero(positive)
-    if len(positive_rows) == 0:
-        raise ValueError(f"split '{data.name}' has no positive rows to evaluate retrieval on")
-    by_user_time = positive_rows[np.lexsort((times[positive_rows], data.user_key[positive_rows]))]
-    users, first = np.unique(data.user_key[by_user_time], return_index=True)
-    queries = data.select(torch.from_numpy(by_user_time[first]))
-    truth = pairs_to_csr(np.searchsorted(users, data.user_key[positive_rows]),
-                         data.categorical[positive_rows, item_col].numpy(), len(users))
-    train_rows = np.flatnonzero((train.label > 0).numpy())
-    train_users = train.user_key[train_rows]
-    known = np.isin(train_users, users)
-    exclude = pairs_to_csr(np.searchsorted(users, train_users[known]),
-                           train.categorical[train_rows[known], item_col].numpy(), len(users))
-    return RetrievalTask(users, queries, truth, exclude)

@@ -55,7 +55,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from recforge import storage
-from recforge.storage import _fsync_dir, parse_json, write_bytes
+from recforge.storage import fsync_dir, parse_json, write_bytes
 
 COMMITTED = "COMMITTED"
 VERSION_META = "registry.json"
@@ -173,7 +173,7 @@ class LocalStore:
                 write_bytes(tmp / name, data)
             write_bytes(tmp / COMMITTED, b"")
             os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -18,10 +18,11 @@ import torch
 from recforge.config import Config
 from recforge.data.batches import SplitData
 from recforge.data.vocab import load_vocabs
+from recforge.evaluate import full_catalog_metrics, retrieval_task
 from recforge.index import ItemIndex
 from recforge.jobs import build_item_index, feature_spec, item_catalog, load_run_config, load_trained_model
 from recforge.models.two_tower import TwoTower
-from recforge.recommend import Requests, full_catalog_metrics, recommend, retrieval_task
+from recforge.recommend import Requests, recommend
 from recforge.storage import read_json, write_json
 
 

@@ -64,14 +64,14 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not supported on every platform, hence best effort.
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -679,7 +679,7 @@ def _put_local_dir(src: Path, target: Path, extra: Mapping[str, bytes], marker: 
         elif target.exists():
             target.rmdir()
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not target.exists():
@@ -753,7 +753,7 @@ def get_dir(uri: str | Path, dst: str | Path, *, marker: str = COMMIT_MARKER) ->
             if dst.exists():
                 raise FileExistsError(f"{dst} already exists") from exc
             raise
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

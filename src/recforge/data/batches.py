@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recforge.arrays import gather_ragged
 from recforge.storage import load_array
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
@@ -101,18 +102,6 @@ class SplitData:
             return batch
         values, offsets = gather_ragged(self.history_values, self.history_offsets, index)
         return Batch(batch.categorical, batch.numeric, batch.label, values, offsets)
-
-
-def gather_ragged(
-    values: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows `index` of a ragged (values, offsets) array, as a new ragged array: three vector ops."""
-    starts = offsets.index_select(0, index)
-    lengths = offsets.index_select(0, index + 1) - starts
-    new_offsets = torch.zeros(len(index) + 1, dtype=torch.long)
-    torch.cumsum(lengths, 0, out=new_offsets[1:])
-    shift = torch.repeat_interleave(starts - new_offsets[:-1], lengths)
-    return values.index_select(0, torch.arange(int(new_offsets[-1])) + shift), new_offsets
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recforge.arrays import in_sorted
 from recforge.config import NegativesConfig, SchemaConfig, SplitConfig, VocabConfig
 from recforge.data.history import build_histories, take_histories
 from recforge.data.schema import DataError
 from recforge.data.vocab import Vocab, fit_vocabs, save_vocabs
-from recforge.metrics import in_sorted
 from recforge.storage import save_array, write_json
 
 PREPARED_SCHEMA_VERSION = 1

@@ -38,7 +38,7 @@ from recforge.storage import atomic_open
 _SOURCE_SHARE = np.array([0.45, 0.45, 0.10])
 # Within the user's three preferred categories, how often each one fills a category slot.
 _CATEGORY_PICK = np.array([0.6, 0.3, 0.1])
-_PREFERRED_DEVICE_SHARE = 0.85
+PREFERRED_DEVICE_SHARE = 0.85
 # Fresh items get pushed: exposure falls to this floor share as an item ages.
 _EXPOSURE_FLOOR = 0.25
 _EXPOSURE_AGE_DAYS = 4.0
@@ -59,7 +59,7 @@ LOG_SCHEMA = pa.schema(
 )
 
 
-def _draw_weighted(rng: np.random.Generator, weights: np.ndarray, size: int) -> np.ndarray:
+def draw_weighted(rng: np.random.Generator, weights: np.ndarray, size: int) -> np.ndarray:
     # Inverse-CDF sampling: one searchsorted for all draws instead of rng.choice's per-call setup.
     cum = np.cumsum(weights)
     picks = np.searchsorted(cum, rng.random(size) * cum[-1], side="right")
@@ -145,13 +145,13 @@ def generate_log(world: World, cfg: GenerateConfig) -> pa.Table:
     n_requests = math.ceil(cfg.events / FEED_SLOTS)
     shape = (n_requests, FEED_SLOTS)
 
-    users = _draw_weighted(rng, world.user_activity, n_requests)
-    day = _draw_weighted(rng, _day_weights(cfg), n_requests)
-    hour = _draw_weighted(rng, world.hour_traffic, n_requests)
-    own_device = rng.random(n_requests) < _PREFERRED_DEVICE_SHARE
+    users = draw_weighted(rng, world.user_activity, n_requests)
+    day = draw_weighted(rng, _day_weights(cfg), n_requests)
+    hour = draw_weighted(rng, world.hour_traffic, n_requests)
+    own_device = rng.random(n_requests) < PREFERRED_DEVICE_SHARE
     device = np.where(own_device, world.user_device[users], rng.integers(0, len(DEVICES), n_requests))
-    source = _draw_weighted(rng, _SOURCE_SHARE, n_requests * FEED_SLOTS).reshape(shape)
-    pick = _draw_weighted(rng, _CATEGORY_PICK, n_requests * FEED_SLOTS).reshape(shape)
+    source = draw_weighted(rng, _SOURCE_SHARE, n_requests * FEED_SLOTS).reshape(shape)
+    pick = draw_weighted(rng, _CATEGORY_PICK, n_requests * FEED_SLOTS).reshape(shape)
     slot_category = np.take_along_axis(world.user_categories[users], pick, axis=1)
 
     items = np.empty(shape, dtype=np.int64)

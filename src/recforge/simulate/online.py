@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from recforge.simulate.logs import _PREFERRED_DEVICE_SHARE, _draw_weighted
+from recforge.simulate.logs import PREFERRED_DEVICE_SHARE, draw_weighted
 from recforge.simulate.world import DEVICES, SECONDS_PER_DAY, World, period_start
 
 # Seconds between two slots as the user scrolls, and from seeing an item to clicking it.
@@ -65,9 +65,9 @@ def draw_requests(world: World, n: int, day: int, rng: np.random.Generator) -> R
     """`n` feed requests on world day `day`, from the same traffic distribution as the offline log."""
     if n < 1:
         raise ValueError(f"requests per day must be >= 1, got {n}")
-    users = _draw_weighted(rng, world.user_activity, n)
-    hours = _draw_weighted(rng, world.hour_traffic, n)
-    own = rng.random(n) < _PREFERRED_DEVICE_SHARE
+    users = draw_weighted(rng, world.user_activity, n)
+    hours = draw_weighted(rng, world.hour_traffic, n)
+    own = rng.random(n) < PREFERRED_DEVICE_SHARE
     devices = np.where(own, world.user_device[users], rng.integers(0, len(DEVICES), n)).astype(np.int64)
     second = rng.integers(0, _LATEST_SECOND, n)
     timestamps = period_start(world.config) + day * SECONDS_PER_DAY + hours * 3600 + second
