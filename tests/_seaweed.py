@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from recforge.runtime import die_with_parent
+
 ACCESS_KEY = "recforge-test"
 SECRET_KEY = "recforge-test-secret"
 BUCKET = "recforge"
@@ -82,7 +84,7 @@ class SeaweedServer:
                 f"-s3.localSocket={self.base / 's3.sock'}", "-master.volumeSizeLimitMB=64"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent)
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:

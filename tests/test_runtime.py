@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from recforge.runtime import choose_device, environment_drift, free_port, tune_allocator
@@ -42,3 +48,38 @@ def test_allocator_tuning_reports_what_it_did(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
     respected = tune_allocator()
     assert respected["tuned"] is False and "environment" in respected["reason"]
+
+
+_PARENT = """
+import subprocess, sys, time
+from recforge.runtime import die_with_parent
+child = subprocess.Popen(["sleep", "120"], preexec_fn=die_with_parent)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for every purpose that matters here.
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\\nState:\\tZ" in status.read_text())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_helper_server_dies_with_its_parent_even_on_sigkill():
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()  # SIGKILL: no cleanup code of the parent runs
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the child outlived its SIGKILLed parent"
+    finally:
+        parent.kill()

@@ -96,6 +96,10 @@ def _print_validation(result, files) -> None:  # noqa: ANN001
     for reason, count in report["by_reason"].items():
         if count:
             table.add_row(f"  {reason}", f"{count:,}")
+    units = report.get("time_units", {})
+    if set(units) - {"s"}:  # numbers read as ms/us/ns (converted to seconds): say how many
+        for unit, count in units.items():
+            table.add_row(f"timestamps in {unit}", f"{count:,}")
     err.print(table)
     for name, path in files.items():
         _log(f"{name}: {path}")

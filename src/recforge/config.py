@@ -58,6 +58,12 @@ class SchemaConfig(_Strict):
     # Categorical columns describing the item (category, ...): looked up per item for sampled negatives.
     item_features: list[str] = Field(default_factory=lambda: ["category"])
     numeric: list[str] = Field(default_factory=lambda: ["position"])
+    # Unit of numeric timestamps (ISO text and typed timestamp/date columns carry their own).
+    # auto: each value by its magnitude, in bands that cannot overlap for dates 1973..2262:
+    # s 0..9,223,372,036 (1970..2262), ms 1e11..9.2e12, us 1e14..9.2e15, ns 1e17..9.2e18.
+    # s/ms/us/ns: every value in that unit. Either way a time before 1970 or after 2262-04-11
+    # (the int64-nanosecond limit), or between the auto bands, is quarantined (timestamp_out_of_range).
+    time_unit: Literal["auto", "s", "ms", "us", "ns"] = "auto"
 
     @model_validator(mode="after")
     def _no_repeats(self) -> SchemaConfig:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -152,6 +153,25 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for a helper server (SeaweedFS, a test's or a scenario's `recforge serve`): the
+    kernel kills the child when its parent dies, however the parent died.
+
+    A parent killed with SIGKILL runs no cleanup, so a `finally: proc.kill()` alone leaves servers
+    holding ports and disk behind; PR_SET_PDEATHSIG is the one guarantee that needs no cleanup. The
+    signal follows the thread that forked, so start such children from a long-lived thread. Outside
+    Linux this does nothing.
+    """
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 # glibc mallopt parameters (malloc.h).

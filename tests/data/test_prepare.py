@@ -190,3 +190,21 @@ def test_prepared_histories_round_trip_through_batches(tmp_path):
         expect = test.history_values[test.history_offsets[row]:test.history_offsets[row + 1]]
         got = batch.history_values[batch.history_offsets[i]:batch.history_offsets[i + 1]]
         assert torch.equal(expect, got)
+
+
+def test_millisecond_rows_are_converted_before_the_time_split(tmp_path):
+    # 1,500 of 11,500 events logged in ms: read as seconds they would all be "the future" (year ~55,000)
+    # and make up the whole test split.
+    log = _log(11_500, seed=3)
+    times = log.column("timestamp").to_numpy().copy()
+    in_ms = np.random.default_rng(4).choice(len(times), 1_500, replace=False)
+    times[in_ms] *= 1000
+    log = log.set_column(log.schema.get_field_index("timestamp"), "timestamp", pa.array(times))
+    result = validate(log, SCHEMA)
+    assert result.report()["time_units"] == {"s": 10_000, "ms": 1_500}
+    assert result.rows_kept == 11_500
+    info = prepare(result.clean, SCHEMA, SplitConfig(), VocabConfig(), NegativesConfig(), tmp_path / "p", seed=1)
+    split = {s: np.load(info.path / s / "timestamp.npy") for s in ("train", "valid", "test")}
+    everything = np.concatenate(list(split.values()))
+    assert everything.min() >= 1_700_000_000 and everything.max() < 1_700_000_000 + 10 * 86400
+    assert abs(len(split["test"]) - 1_150) <= 10

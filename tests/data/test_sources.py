@@ -302,17 +302,77 @@ def test_wrong_explicit_format_is_named(tmp_path: Path) -> None:
         read_events(tmp_path / "e.csv", "movielens", RATING)
 
 
-def test_malformed_rows_are_one_line_errors_naming_the_file(tmp_path: Path) -> None:
-    _write(tmp_path / "ratings.dat", "1::2::3::4\n1::2::3\n")
-    with pytest.raises(DataError, match=r"ratings\.dat as movielens: data row 2 has 3 fields, expected 4"):
-        read_events(tmp_path / "ratings.dat", "auto", RATING)
-    _write(tmp_path / "u.data", "1\t2\t3\t4\n1\t2\n")
-    with pytest.raises(DataError, match=r"^cannot read .*u\.data as movielens: .*") as err:
-        read_events(tmp_path / "u.data", "auto", RATING)
-    assert "\n" not in str(err.value)
-    _write(tmp_path / "bad.csv", "user_id,item_id,timestamp,label\n1,2,3,1\n1,2\n")
-    with pytest.raises(DataError, match=r"^cannot read .*bad\.csv as csv: .*Expected 4 columns"):
-        read_events(tmp_path / "bad.csv", "csv", PLAIN)
+def _quarantined(path: Path, schema: SchemaConfig) -> list[tuple[int, str]]:
+    from recforge.data.validate import validate
+
+    q = validate(read_events(path, "auto", schema), schema).quarantine
+    return list(zip(q.column("_row").to_pylist(), q.column("_reason").to_pylist(), strict=True))
+
+
+def test_malformed_rows_are_quarantined_with_their_row_number_not_fatal(tmp_path: Path) -> None:
+    # These used to fail the whole file; now each bad row is a quarantined row of nulls.
+    _write(tmp_path / "ratings.dat", "1::2::3::4\n1::2::3\n\n5::6::4::7\n")
+    table = read_events(tmp_path / "ratings.dat", "auto", RATING)
+    assert table.column("_row").to_pylist() == [1, 2, 3]
+    assert table.column("_malformed").to_pylist() == [False, True, False]
+    assert table.column("user_id").to_pylist() == ["1", None, "5"]
+    assert _quarantined(tmp_path / "ratings.dat", RATING) == [(2, "malformed_row")]
+    _write(tmp_path / "u.data", "1\t2\t3\t4\n1\t2\n5\t6\t4\t8\n")
+    assert _quarantined(tmp_path / "u.data", RATING) == [(2, "malformed_row")]
+    _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3,4,5\n5,6,4,8\n")
+    assert _quarantined(tmp_path / "ratings.csv", RATING) == [(2, "malformed_row")]
+    _write(tmp_path / "bad.csv", "user_id,item_id,timestamp,label\n1,2,3,1\n1,2\n\n4,5,6,0\n")
+    assert read_events(tmp_path / "bad.csv", "csv", PLAIN).column("_row").to_pylist() == [1, 2, 3]
+    assert _quarantined(tmp_path / "bad.csv", PLAIN) == [(2, "malformed_row")]
+
+
+def test_one_ragged_row_among_a_thousand(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from recforge.data.validate import validate
+
+    header = "user_id,item_id,timestamp,label,device,price,a,b\n"
+    good = [f"{k},i{k},{1_700_000_000 + k},1,ios,1.5,x,y\n" for k in range(1000)]
+    _write(tmp_path / "events.csv", header + "".join(good[:600]) + "7,8,9\n" + "".join(good[600:]))
+    with caplog.at_level("WARNING", logger="recforge.data.sources"):
+        result = validate(read_events(tmp_path / "events.csv", "auto", CLICK), CLICK)
+    assert result.rows_kept == 1000 and result.rows_read == 1001
+    assert result.quarantine.column("_row").to_pylist() == [601]  # line 602 of the file
+    assert result.quarantine.column("_reason").to_pylist() == ["malformed_row"]
+    assert result.report()["by_reason"]["malformed_row"] == 1
+    assert result.clean.column("_row").to_pylist() == [*range(1, 601), *range(602, 1002)]
+    assert "events.csv: 1 row(s) could not be parsed" in caplog.text
+    assert "row 601: expected 8 columns, got 3" in caplog.text
+
+
+def test_a_50_mb_line_does_not_stop_the_rest_of_the_file(tmp_path: Path) -> None:
+    from recforge.data.validate import validate
+
+    huge = "x" * 50_000_000
+    lines = [f"{k},i{k},{1_700_000_000 + k},1\n" for k in range(300)]
+    text = "".join(lines[:100]) + f"{huge}\n" + "".join(lines[100:200]) + f"9,{huge},1700000000,0\n"
+    _write(tmp_path / "events.csv", "user_id,item_id,timestamp,label\n" + text + "".join(lines[200:]))
+    result = validate(read_events(tmp_path / "events.csv", "auto", PLAIN), PLAIN)
+    assert result.quarantine.column("_row").to_pylist() == [101]
+    assert result.quarantine.column("_reason").to_pylist() == ["malformed_row"]
+    assert result.rows_kept == 301  # the valid huge row is read too
+    assert result.clean.column("_row").to_pylist()[-1] == 302
+
+
+def test_a_timestamp_beyond_int64_is_quarantined_with_its_row(tmp_path: Path) -> None:
+    _write(tmp_path / "t.csv", "user_id,item_id,timestamp,label\n1,2,99999999999999999999999,1\n1,3,1700000000,1\n")
+    assert _quarantined(tmp_path / "t.csv", PLAIN) == [(1, "timestamp_out_of_range")]
+    pq.write_table(
+        pa.table({"user_id": [1, 2], "item_id": [1, 1], "timestamp": pa.array([2**64 - 1, 1], pa.uint64())}),
+        tmp_path / "t.parquet",
+    )
+    assert _quarantined(tmp_path / "t.parquet", IMPLICIT) == [(1, "timestamp_out_of_range")]
+
+
+def test_partitions_with_and_without_malformed_rows_concatenate(tmp_path: Path) -> None:
+    _write(tmp_path / "a.csv", "user_id,item_id,timestamp,label\n1,2,3,1\n")
+    _write(tmp_path / "b.csv", "user_id,item_id,timestamp,label\n1,2\n4,5,6,0\n")
+    table = read_events(tmp_path, "auto", PLAIN)
+    assert table.column("_malformed").to_pylist() == [False, True, False]
+    assert table.column("_row").to_pylist() == [1, 1, 2]
 
 
 def test_repeated_header_column(tmp_path: Path) -> None:

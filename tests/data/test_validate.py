@@ -79,9 +79,11 @@ def test_each_reason_with_exact_counts() -> None:
     assert result.quarantine.column("_row").to_pylist() == expected_rows
     assert result.quarantine.column("_reason").to_pylist() == [r for r in EXPECTED if r is not None]
     assert result.counts == {
+        "malformed_row": 0,
         "missing_user": 2,
         "missing_item": 1,
         "bad_timestamp": 2,
+        "timestamp_out_of_range": 0,
         "missing_label": 1,
         "bad_label": 1,
         "label_out_of_range": 2,
@@ -201,10 +203,12 @@ def test_float_and_date_times_and_in_memory_tables_without_provenance() -> None:
         }
     )
     result = validate(table, IMPLICIT)
-    assert result.clean.column("timestamp").to_pylist() == [1767312000, -86400]
-    assert result.clean.column("item_id").to_pylist() == ["x", "y"]
-    assert result.quarantine.column("_file").to_pylist() == ["<table>"]
-    assert result.quarantine.column("_row").to_pylist() == [3]
+    assert result.clean.column("timestamp").to_pylist() == [1767312000]
+    assert result.clean.column("item_id").to_pylist() == ["x"]
+    # A date before the epoch is no event of a behaviour log.
+    assert result.quarantine.column("_reason").to_pylist() == ["timestamp_out_of_range", "bad_timestamp"]
+    assert result.quarantine.column("_file").to_pylist() == ["<table>", "<table>"]
+    assert result.quarantine.column("_row").to_pylist() == [2, 3]
     floats = pa.table({"user_id": ["a", "b"], "item_id": ["x", "y"], "timestamp": [1.7e9, float("inf")]})
     assert validate(floats, IMPLICIT).counts["bad_timestamp"] == 1
 
@@ -309,3 +313,80 @@ def test_column_of_an_impossible_type_is_a_data_error() -> None:
     table = pa.table({"user_id": ["u"], "item_id": ["i"], "timestamp": [True]})
     with pytest.raises(DataError, match=r"^column 'timestamp' has type bool, which cannot hold timestamps$"):
         validate(table, IMPLICIT)
+
+
+# --- timestamp units and range -----------------------------------------------------------------------
+
+INSTANT = 1_767_261_600  # 2026-01-01T10:00:00Z
+
+
+def _times_table(times: pa.Array) -> pa.Table:
+    n = len(times)
+    return pa.table({"user_id": [f"u{k}" for k in range(n)], "item_id": ["i"] * n, "timestamp": times})
+
+
+def test_auto_unit_reads_each_number_in_the_unit_of_its_magnitude(caplog: pytest.LogCaptureFixture) -> None:
+    ints = [INSTANT, INSTANT * 1000 + 999, INSTANT * 10**6 + 5, INSTANT * 10**9 + 123_456_789, 0, 9_223_372_036]
+    texts = [str(v) for v in ints] + [f"{INSTANT}000.5", "1767261600123456789"]
+    floats = [float(INSTANT), INSTANT * 1000.0 + 1.5, INSTANT * 1e6, INSTANT * 1e9]
+    with caplog.at_level("WARNING", logger="recforge.data.validate"):
+        for times in (pa.array(ints, pa.int64()), pa.array(texts), pa.array(floats), pa.array(ints, pa.uint64())):
+            result = validate(_times_table(times), IMPLICIT)
+            assert result.rows_quarantined == 0
+            got = result.clean.column("timestamp").to_pylist()
+            assert set(got) <= {INSTANT, 0, 9_223_372_036}
+    assert result.report()["time_units"] == {"s": 3, "ms": 1, "us": 1, "ns": 1}
+    assert "column 'timestamp' mixes timestamp units (s 3, ms 1, us 1, ns 1)" in caplog.text
+
+
+def test_implausible_times_are_quarantined_as_out_of_range() -> None:
+    year_5138 = 99_972_403_200  # seconds; between the seconds and milliseconds bands
+    texts = ["-1", "-1767261600", str(year_5138), "5138-01-01T00:00:00Z", "10000-01-01", "1969-12-31",
+             "99999999999999999999999", "50000000000", "1e300", "9223372037", "1767261600"]
+    result = validate(_times_table(pa.array(texts)), IMPLICIT)
+    assert result.clean.column("timestamp").to_pylist() == [INSTANT]
+    assert result.quarantine.column("_reason").to_pylist() == ["timestamp_out_of_range"] * 10
+    assert result.quarantine.column("timestamp").to_pylist() == texts[:-1]
+    assert result.report()["by_reason"]["timestamp_out_of_range"] == 10
+    assert result.counts["bad_timestamp"] == 0
+
+
+def test_out_of_range_typed_times_and_integers_are_quarantined_not_errors() -> None:
+    # Years 5138 and 10000 (beyond Python's datetime) and 1969, written as seconds.
+    stamps = pa.array([INSTANT, 99_972_403_200, 253_402_300_800, -86_400], pa.int64()).cast(pa.timestamp("s"))
+    result = validate(_times_table(stamps), IMPLICIT)
+    assert result.quarantine.column("_reason").to_pylist() == ["timestamp_out_of_range"] * 3
+    assert result.quarantine.column("_row").to_pylist() == [2, 3, 4]
+    dates = pa.array([INSTANT // 86400, 3_000_000], pa.int32()).cast(pa.date32())  # 3e6 days: year 10183
+    assert validate(_times_table(dates), IMPLICIT).counts["timestamp_out_of_range"] == 1
+    huge = pa.array([2**64 - 1, INSTANT, 2**63], pa.uint64())
+    result = validate(_times_table(huge), IMPLICIT)
+    assert result.quarantine.column("_reason").to_pylist() == ["timestamp_out_of_range"] * 2
+    assert result.clean.column("timestamp").to_pylist() == [INSTANT]
+
+
+def test_explicit_time_unit_is_applied_to_every_number() -> None:
+    ms_schema = IMPLICIT.model_copy(update={"time_unit": "ms"})
+    texts = [str(INSTANT * 1000), str(INSTANT), "9223372036854", "9223372036855", "-1", "2026-01-01T10:00:00Z"]
+    result = validate(_times_table(pa.array(texts)), ms_schema)
+    # In ms, 1767261600 is 1970-01-21: early, but a time the unit allows.
+    assert result.clean.column("timestamp").to_pylist() == [INSTANT, INSTANT // 1000, 9_223_372_036, INSTANT]
+    assert result.quarantine.column("_row").to_pylist() == [4, 5]
+    assert result.report()["time_units"] == {"ms": 3}  # in-range numbers only
+    s_schema = IMPLICIT.model_copy(update={"time_unit": "s"})
+    ms_values = pa.array([INSTANT * 1000, INSTANT, INSTANT * 10**9], pa.int64())
+    result = validate(_times_table(ms_values), s_schema)
+    assert result.clean.column("timestamp").to_pylist() == [INSTANT]
+    assert result.quarantine.column("_reason").to_pylist() == ["timestamp_out_of_range"] * 2
+    ns_schema = IMPLICIT.model_copy(update={"time_unit": "ns"})
+    result = validate(_times_table(pa.array([INSTANT * 10**9, 2**63 - 1], pa.int64())), ns_schema)
+    assert result.clean.column("timestamp").to_pylist() == [INSTANT, 9_223_372_036]
+
+
+def test_time_unit_is_a_strict_config_field() -> None:
+    from recforge.config import ConfigError, load
+
+    assert load(overrides=["data.schema.time_unit=ms"]).data.schema_.time_unit == "ms"
+    assert SchemaConfig().time_unit == "auto"
+    with pytest.raises(ConfigError, match=r"data\.schema\.time_unit"):
+        load(overrides=["data.schema.time_unit=minutes"])

@@ -155,6 +155,24 @@ def test_validate_quarantines_bad_rows_through_the_cli(tmp_path):
     assert (tmp_path / "v" / "quarantine.parquet").is_file()
 
 
+def test_validate_reports_malformed_rows_and_timestamp_units(tmp_path):
+    rows = ["user_id,item_id,timestamp,hour,device,category,position,label",
+            "1,10,1700000000,3,ios,5,0,1",
+            "1,11,1700000001000,3,ios,5,0,1",      # milliseconds: converted
+            "2,11,3",                              # ragged: malformed_row
+            "3,12,-5,3,ios,5,0,1",                 # before 1970
+            "4,12,99972403200,3,ios,5,0,1"]        # year 5138 in seconds
+    (tmp_path / "events.csv").write_text("\n".join(rows) + "\n")
+    proc = run("data", "validate", f"data.source={tmp_path / 'events.csv'}", "--out", str(tmp_path / "v"),
+               cwd=tmp_path)
+    report = json.loads(proc.stdout)
+    assert (report["rows_read"], report["rows_kept"], report["rows_quarantined"]) == (5, 2, 3)
+    assert {k: v for k, v in report["by_reason"].items() if v} == {"malformed_row": 1, "timestamp_out_of_range": 2}
+    assert report["time_units"] == {"s": 1, "ms": 1}
+    assert "malformed_row" in proc.stderr and "timestamp_out_of_range" in proc.stderr
+    assert "timestamps in ms" in proc.stderr
+
+
 def test_help_lists_the_commands(tmp_path):
     proc = run("--help", cwd=tmp_path)
     for verb in ("quickstart", "data", "train", "evaluate", "recommend", "plan", "doctor", "export", "registry"):

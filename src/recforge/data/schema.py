@@ -14,6 +14,9 @@ MOVIELENS_COLUMNS: tuple[str, str, str, str] = ("user_id", "item_id", "rating", 
 
 # Provenance columns added by the readers; a schema may not claim them for data.
 PROVENANCE_COLUMNS: tuple[str, str] = ("_file", "_row")
+# Added by a reader only when some rows of a file could not be parsed (a ragged CSV line, say): True
+# on those rows, whose values are all null. The validator quarantines them as malformed_row.
+MALFORMED_COLUMN = "_malformed"
 
 
 class DataError(ValueError):
@@ -47,11 +50,12 @@ def check_columns(found: list[str], schema: SchemaConfig, where: str) -> None:
     per column.
     """
     roles = column_roles(schema)
-    claimed = [name for name in roles if name in PROVENANCE_COLUMNS]
+    reserved = (*PROVENANCE_COLUMNS, MALFORMED_COLUMN)
+    claimed = [name for name in roles if name in reserved]
     if claimed:
         raise DataError(
             f"{where}: schema uses reserved column name(s) {', '.join(claimed)}; "
-            f"{' and '.join(PROVENANCE_COLUMNS)} are added by the reader, rename them in the schema"
+            f"{', '.join(reserved)} are added by the reader, rename them in the schema"
         )
     present = set(found)
     missing = [f"'{name}' (schema role: {role})" for name, role in roles.items() if name not in present]

@@ -4,12 +4,16 @@ Every reader returns the same shape: the columns the schema needs, as they are i
 `_file` and `_row` so that a bad row found later can be traced back to the line a person can open.
 CSV values come back as text on purpose: type inference would turn a stray "n/a" in a numeric
 column into a whole-file failure (or silently into a string column), whereas the validator can
-quarantine exactly the rows that do not parse.
+quarantine exactly the rows that do not parse. Likewise a row that cannot be split into the
+header's columns (a ragged CSV line, a ratings.dat line without four fields) does not fail its file:
+it comes back as a row of nulls flagged in `_malformed`, numbered like every other row, and the
+validator quarantines it as malformed_row.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +24,13 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from recforge.config import SchemaConfig
-from recforge.data.schema import MOVIELENS_COLUMNS, DataError, check_columns, required_columns
+from recforge.data.schema import (
+    MALFORMED_COLUMN,
+    MOVIELENS_COLUMNS,
+    DataError,
+    check_columns,
+    required_columns,
+)
 
 Format = Literal["auto", "parquet", "csv", "movielens"]
 FileFormat = Literal["parquet", "csv", "movielens"]
@@ -33,14 +43,25 @@ _MOVIELENS_DAT_SEPARATOR = "::"
 # Enough for any sane header line; a "header" longer than this is not a CSV header.
 _HEADER_LIMIT = 1 << 20
 _UTF8_BOM = b"\xef\xbb\xbf"
+# Arrow parses CSV in blocks and a row may not span two of them, so a file with a longer line is
+# read again with blocks that fit its longest line, up to this limit (memory grows with the block).
+_BLOCK_LIMIT = 1 << 30
+_MALFORMED_EXAMPLES = 3
+_LOG = logging.getLogger(__name__)
+
+# Data-row number (same numbering as `_row`) -> why that row could not be parsed.
+Malformed = dict[int, str]
 
 
 def read_events(path: str | Path, fmt: Format, schema: SchemaConfig) -> pa.Table:
     """Read one log file, or every data file of a directory (sorted by name) into one table.
 
     Columns: those `required_columns(schema)` names, then `_file` (name relative to `path`) and
-    `_row` (1-based data-row number within that file). Columns are checked against the schema
-    from the parquet footer or the CSV header before any row is read, so a wrong file fails fast.
+    `_row` (1-based data-row number within that file: header and blank lines are not counted, so
+    in a CSV without blank lines row N is line N + 1). If some file had rows that could not be
+    parsed, `_malformed` follows: True on those rows, whose values are null. Columns are checked
+    against the schema from the parquet footer or the CSV header before any row is read, so a wrong
+    file fails fast.
     """
     if fmt not in _FORMATS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(_FORMATS)}")
@@ -134,21 +155,47 @@ def _read_file(file: Path, name: str, fmt: FileFormat, schema: SchemaConfig) -> 
         )
     if fmt != "parquet" and is_parquet:
         raise DataError(f"{file} is a parquet file, not {fmt}; use format parquet or auto")
+    malformed: Malformed = {}
     try:
         if fmt == "parquet":
             table = _read_parquet(file, schema)
         elif fmt == "csv":
-            table = _read_csv(file, schema)
+            table, malformed = _read_csv(file, schema)
         else:
-            table = _read_movielens(file, schema)
+            table, malformed = _read_movielens(file, schema)
     except DataError:
         raise
     except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"cannot read {file} as {fmt}: {_one_line(exc)}") from exc
-    if table.num_rows == 0:
+    if table.num_rows == 0 and not malformed:
         raise DataError(f"{file} is empty: no data rows")
-    rows = pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64))
-    return table.append_column("_file", pa.repeat(name, table.num_rows)).append_column("_row", rows)
+    return _with_provenance(table, name, malformed, file)
+
+
+def _with_provenance(table: pa.Table, name: str, malformed: Malformed, file: Path) -> pa.Table:
+    """Add `_file` and `_row`; put malformed rows back, as nulls, at their own row numbers.
+
+    The good rows are numbered by what is left of 1..total once the malformed rows' numbers are
+    taken, so every `_row` still points at the row a person finds in the file.
+    """
+    if not malformed:
+        rows = pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64))
+        return table.append_column("_file", pa.repeat(name, table.num_rows)).append_column("_row", rows)
+    total = table.num_rows + len(malformed)
+    bad = np.array(sorted(malformed), dtype=np.int64)
+    if bad[0] < 1 or bad[-1] > total:
+        raise DataError(f"cannot read {file}: malformed row numbers {bad[0]}..{bad[-1]} outside 1..{total}")
+    good = np.setdiff1d(np.arange(1, total + 1, dtype=np.int64), bad, assume_unique=True)
+    nulls = pa.table({field.name: pa.nulls(bad.size, field.type) for field in table.schema})
+    both = pa.concat_tables([table, nulls])
+    rows = np.concatenate([good, bad])
+    flags = np.concatenate([np.zeros(good.size, dtype=bool), np.ones(bad.size, dtype=bool)])
+    both = both.append_column("_file", pa.repeat(name, total)).append_column("_row", pa.array(rows))
+    both = both.append_column(MALFORMED_COLUMN, pa.array(flags))
+    examples = "; ".join(f"row {row}: {malformed[row]}" for row in bad[:_MALFORMED_EXAMPLES].tolist())
+    _LOG.warning("%s: %d row(s) could not be parsed and go to the quarantine as malformed_row (%s%s)",
+                 file, bad.size, examples, "; ..." if bad.size > _MALFORMED_EXAMPLES else "")
+    return both.take(pa.array(np.argsort(rows, kind="stable")))
 
 
 def _read_parquet(file: Path, schema: SchemaConfig) -> pa.Table:
@@ -184,22 +231,82 @@ def _text_options(columns: list[str]) -> pcsv.ConvertOptions:
     )
 
 
-def _read_csv(file: Path, schema: SchemaConfig) -> pa.Table:
+def _read_csv(file: Path, schema: SchemaConfig) -> tuple[pa.Table, Malformed]:
     header = _read_header(file)
     check_columns(header, schema, str(file))
     columns = required_columns(schema)
     repeated = [name for name in columns if header.count(name) > 1]
     if repeated:
         raise DataError(f"{file}: column(s) {', '.join(repeated)} appear more than once in the header")
-    return pcsv.read_csv(file, convert_options=_text_options(columns))
+    return _read_delimited(file, {}, {}, _text_options(columns), header_rows=1)
 
 
-def _read_movielens(file: Path, schema: SchemaConfig) -> pa.Table:
+def _read_delimited(
+    file: Path, read: dict, parse: dict, convert: pcsv.ConvertOptions, header_rows: int
+) -> tuple[pa.Table, Malformed]:
+    """Arrow's CSV reader, skipping (and returning) rows whose field count is wrong.
+
+    Arrow numbers invalid rows only when parsing on one thread, so a file that has any is read
+    again that way; so is a file with a line longer than a block, with blocks that fit it.
+    Arrow counts the header and skips blank lines like `_row` does, so a row's number minus the
+    header lines is its `_row`.
+    """
+    found: list[tuple[int | None, str]] = []
+
+    def on_invalid(row: pcsv.InvalidRow) -> str:
+        found.append((row.number, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
+        return "skip"
+
+    def attempt(use_threads: bool, block_size: int | None) -> pa.Table:
+        found.clear()
+        sized = {"block_size": block_size} if block_size else {}
+        options = pcsv.ReadOptions(use_threads=use_threads, **sized, **read)
+        parse_options = pcsv.ParseOptions(invalid_row_handler=on_invalid, **parse)
+        return pcsv.read_csv(file, read_options=options, parse_options=parse_options, convert_options=convert)
+
+    block_size = None
+    try:
+        table = attempt(True, None)
+    except pa.ArrowInvalid as exc:
+        if "straddl" not in str(exc):
+            raise
+        block_size = _block_for_longest_line(file)
+        table = attempt(False, block_size)
+    if any(number is None for number, _ in found):
+        table = attempt(False, block_size)
+    return table, {int(number) - header_rows: why for number, why in found if number is not None}
+
+
+def _block_for_longest_line(file: Path) -> int:
+    """A block size that holds the file's longest line, scanned in bounded chunks."""
+    longest = current = 0
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n"))
+            if ends.size == 0:
+                current += len(chunk)
+                continue
+            longest = max(longest, current + int(ends[0]) + 1)
+            if ends.size > 1:
+                longest = max(longest, int(np.diff(ends).max()))
+            current = len(chunk) - int(ends[-1]) - 1
+    longest = max(longest, current)
+    if longest + (1 << 20) > _BLOCK_LIMIT:
+        raise DataError(
+            f"cannot read {file}: a line is {longest:,} bytes long, more than the "
+            f"{_BLOCK_LIMIT:,}-byte limit for one row; split or remove that line"
+        )
+    mib = 1 << 20
+    return (longest // mib + 2) * mib
+
+
+def _read_movielens(file: Path, schema: SchemaConfig) -> tuple[pa.Table, Malformed]:
     lower = file.name.lower()
     check_columns(list(MOVIELENS_COLUMNS), schema, str(file))
     columns = required_columns(schema)
     if lower.endswith(".dat"):
-        return _read_double_colon(file).select(columns)
+        table, malformed = _read_double_colon(file)
+        return table.select(columns), malformed
     names = list(MOVIELENS_COLUMNS)
     if lower.endswith(".csv"):
         header = _read_header(file)
@@ -208,21 +315,23 @@ def _read_movielens(file: Path, schema: SchemaConfig) -> pa.Table:
                 f"{file}: header {','.join(header)} is not the MovieLens ratings.csv header "
                 f"{','.join(_MOVIELENS_CSV_HEADER)}; use format csv for other CSV files"
             )
-        read = pcsv.ReadOptions(column_names=names, skip_rows=1)
-        parse = pcsv.ParseOptions(delimiter=",")
+        read = {"column_names": names, "skip_rows": 1}
+        parse: dict = {"delimiter": ","}
+        header_rows = 1
     else:
         # u.data (and the u1.base/u1.test splits): tab separated, no header.
-        read = pcsv.ReadOptions(column_names=names)
-        parse = pcsv.ParseOptions(delimiter="\t", quote_char=False)
-    return pcsv.read_csv(file, read_options=read, parse_options=parse, convert_options=_text_options(columns))
+        read = {"column_names": names}
+        parse = {"delimiter": "\t", "quote_char": False}
+        header_rows = 0
+    return _read_delimited(file, read, parse, _text_options(columns), header_rows)
 
 
-def _read_double_colon(file: Path) -> pa.Table:
+def _read_double_colon(file: Path) -> tuple[pa.Table, Malformed]:
     """ratings.dat: `user::item::rating::timestamp` lines, no header.
 
     Arrow's CSV reader takes one-character delimiters only, so lines are cut out of the raw bytes
     with numpy (one string array over the file buffer, no copy per line) and split with
-    `split_pattern`.
+    `split_pattern`. Lines without exactly four fields are left out and returned as malformed.
     """
     data = file.read_bytes()
     start = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
@@ -235,21 +344,21 @@ def _read_double_colon(file: Path) -> pa.Table:
     lines = pc.utf8_rtrim(lines, characters="\r\n")
     lines = lines.filter(pc.not_equal(pc.utf8_length(lines), 0))
     if len(lines) == 0:
-        return pa.table({name: pa.array([], pa.string()) for name in MOVIELENS_COLUMNS})
+        return pa.table({name: pa.array([], pa.string()) for name in MOVIELENS_COLUMNS}), {}
     fields = pc.split_pattern(lines, _MOVIELENS_DAT_SEPARATOR)
     counts = pc.list_value_length(fields).to_numpy(zero_copy_only=False)
-    wrong = np.flatnonzero(counts != len(MOVIELENS_COLUMNS))
-    if wrong.size:
-        raise DataError(
-            f"cannot read {file} as movielens: data row {int(wrong[0]) + 1} "
-            f"has {int(counts[wrong[0]])} fields, "
-            f"expected 4 separated by '::' (user::item::rating::timestamp); {wrong.size} such row(s)"
-        )
+    wrong = counts != len(MOVIELENS_COLUMNS)
+    malformed = {
+        int(row) + 1: f"has {int(counts[row])} fields, expected 4 separated by '::' (user::item::rating::timestamp)"
+        for row in np.flatnonzero(wrong)
+    }
+    if malformed:
+        fields = fields.filter(pa.array(~wrong))
     columns = {}
     for index, name in enumerate(MOVIELENS_COLUMNS):
         values = pc.cast(pc.list_element(fields, index), pa.string())
         columns[name] = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
-    return pa.table(columns)
+    return pa.table(columns), malformed
 
 
 def _concat(tables: list[pa.Table], names: list[str], root: Path) -> pa.Table:
@@ -261,6 +370,12 @@ def _concat(tables: list[pa.Table], names: list[str], root: Path) -> pa.Table:
     """
     if len(tables) == 1:
         return tables[0]
+    if any(MALFORMED_COLUMN in table.column_names for table in tables):
+        tables = [
+            table if MALFORMED_COLUMN in table.column_names
+            else table.append_column(MALFORMED_COLUMN, pa.repeat(False, table.num_rows))
+            for table in tables
+        ]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):

@@ -11,6 +11,7 @@ rows that match, strptime with error_is_null), never row by row in Python.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recforge.config import SchemaConfig
-from recforge.data.schema import DataError, check_columns, required_columns
+from recforge.data.schema import MALFORMED_COLUMN, DataError, check_columns, required_columns
 from recforge.storage import atomic_open, write_json
 
 # Order matters: a row is quarantined for the first reason that applies.
 REASONS: tuple[str, ...] = (
+    "malformed_row",
     "missing_user",
     "missing_item",
     "bad_timestamp",
+    "timestamp_out_of_range",
     "missing_label",
     "bad_label",
     "label_out_of_range",
@@ -45,8 +48,22 @@ _ISO = (
     r"(?:[T ](?P<clock>\d{2}:\d{2}(?::\d{2})?)(?P<fraction>\.\d+)?)?"
     r"\s*(?P<zone>Z|[+-]\d{2}:?\d{2})?$"
 )
+_FAR_YEAR = r"^\+?\d{5,}-\d{2}-\d{2}"  # ISO text with a five-digit year: beyond any time kept
 # Largest magnitude at which every float64 is still an exact integer.
 _EXACT_FLOAT = float(2**53)
+_INT64_MAX = 2**63 - 1
+# Timestamps are kept from the epoch up to 2262-04-11T23:47:16Z, the last second that int64
+# nanoseconds (and so every unit below) can hold. Earlier or later times in a behaviour log are a
+# unit or upstream bug, not events.
+TIME_UNITS: tuple[str, ...] = ("s", "ms", "us", "ns")
+_PER_SECOND = np.array([1, 10**3, 10**6, 10**9], dtype=np.int64)
+_LATEST = np.array([_INT64_MAX // 10 ** (9 - 3 * k) for k in range(4)], dtype=np.int64)
+# time_unit=auto reads a number in the one unit whose band holds it. Outside seconds, a band starts
+# at 1973-03-03 (1e8 s), so the bands are disjoint: every unit is 1000x the last, and 1973..2262 spans
+# less than 100x. Seconds also take 0..1e8 (1970..1973): read in any finer unit those are the first
+# day of 1970, no plausible time. A value between bands is no plausible time in any unit.
+_AUTO_LOW = np.array([0, 10**11, 10**14, 10**17], dtype=np.int64)
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,8 @@ class ValidationResult:
     rows_read: int
     # Categorical column -> nulls kept in `clean` (they map to the unknown index downstream).
     null_context: dict[str, int] = field(default_factory=dict)
+    # Unit (s/ms/us/ns) -> rows whose numeric timestamp was read in it (converted to seconds).
+    time_units: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_kept(self) -> int:
@@ -69,7 +88,8 @@ class ValidationResult:
         return self.quarantine.num_rows
 
     def report(self) -> dict[str, Any]:
-        """JSON-able summary; `null_context` counts kept nulls that will map to the unknown index."""
+        """JSON-able summary; `null_context` counts kept nulls that will map to the unknown index,
+        `time_units` the numeric timestamps read in each unit (more than one: a mixed-unit log)."""
         return {
             "version": REPORT_VERSION,
             "rows_read": self.rows_read,
@@ -77,6 +97,7 @@ class ValidationResult:
             "rows_quarantined": self.rows_quarantined,
             "by_reason": dict(self.counts),
             "null_context": dict(self.null_context),
+            "time_units": dict(self.time_units),
         }
 
 
@@ -85,7 +106,8 @@ def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
 
     Clean types: user, item, context and item-feature columns -> string; time -> int64 unix seconds;
     label -> float64; numeric -> float64. A table without `_file`/`_row` (built in memory) gets
-    `_file = "<table>"` and row numbers 1..n so quarantined rows stay traceable.
+    `_file = "<table>"` and row numbers 1..n so quarantined rows stay traceable. Rows a reader
+    could not parse (flagged in `_malformed`) are quarantined as malformed_row.
     """
     check_columns(table.column_names, schema, "table")
     table = _with_provenance(table)
@@ -95,13 +117,17 @@ def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
     def reject(name: str, bad: np.ndarray) -> None:
         reason[(reason == _KEPT) & bad] = REASONS.index(name)
 
+    if MALFORMED_COLUMN in table.column_names:
+        reject("malformed_row", _fill(table.column(MALFORMED_COLUMN)))
     clean: dict[str, pa.ChunkedArray] = {}
     for role, name in (("user", schema.user), ("item", schema.item)):
         clean[name] = _to_text(_column(table, name), name)
         reject(f"missing_{role}", _is_null(clean[name]))
 
-    clean[schema.time] = _to_unix_seconds(_column(table, schema.time), schema.time)
-    reject("bad_timestamp", _is_null(clean[schema.time]))
+    seconds, out_of_range, units = _timestamps(table, schema)
+    clean[schema.time] = seconds
+    reject("bad_timestamp", _is_null(seconds) & ~out_of_range)
+    reject("timestamp_out_of_range", out_of_range)
 
     label = schema.label
     if label.kind != "implicit" and label.column:
@@ -142,6 +168,7 @@ def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
         counts={name: int(count) for name, count in zip(REASONS, counts, strict=True)},
         rows_read=n,
         null_context=null_context,
+        time_units=units,
     )
 
 
@@ -249,23 +276,48 @@ def _to_float(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     raise _type_error(name, kind, "numbers")
 
 
-def _floats_to_seconds(values: pa.ChunkedArray) -> pa.ChunkedArray:
-    # Fractional seconds are truncated down; NaN, inf and magnitudes beyond exact float range are bad.
-    ok = pc.and_(pc.is_finite(values), pc.less(pc.abs(values), _EXACT_FLOAT))
-    return pc.cast(pc.floor(_null_if(pc.invert(ok), values)), pa.int64())
+def _timestamps(table: pa.Table, schema: SchemaConfig) -> tuple[pa.ChunkedArray, np.ndarray, dict[str, int]]:
+    """The time column as seconds, its out-of-range rows and the unit counts (warned when mixed).
+
+    Conversion is range-checked before any cast, so no value can raise; an Arrow error here is
+    still turned into one line naming the column and the files, never a bare overflow message.
+    """
+    name = schema.time
+    try:
+        seconds, out_of_range, code = _to_unix_seconds(_column(table, name), name, schema.time_unit)
+    except pa.ArrowException as exc:
+        files = ", ".join(str(f) for f in pc.unique(table.column("_file")).to_pylist()[:3])
+        raise DataError(f"{files}: column '{name}': cannot read timestamps ({exc})") from exc
+    counts = np.bincount(code[code >= 0], minlength=len(TIME_UNITS))
+    units = {unit: int(count) for unit, count in zip(TIME_UNITS, counts, strict=True) if count}
+    if len(units) > 1:
+        listed = ", ".join(f"{unit} {count:,}" for unit, count in units.items())
+        _LOG.warning(
+            "column '%s' mixes timestamp units (%s); each value was converted to seconds by its magnitude "
+            "(schema.time_unit=auto)", name, listed,
+        )
+    return seconds, out_of_range, units
 
 
-def _to_unix_seconds(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
-    """int64 unix seconds from numbers, numeric text, ISO-8601 text or Arrow temporal types."""
+def _to_unix_seconds(
+    column: pa.ChunkedArray, name: str, unit: str
+) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray]:
+    """int64 unix seconds from numbers, numeric text, ISO-8601 text or Arrow temporal types.
+
+    Returns (seconds, out_of_range, unit code per row: index into TIME_UNITS, -1 if not numeric).
+    Seconds are null where the value is missing, unparseable or out of range; only numbers take
+    `unit`, the other forms say their own.
+    """
     kind = column.type
-    if pa.types.is_integer(kind):
-        return pc.cast(column, pa.int64())
-    if pa.types.is_floating(kind):
-        return _floats_to_seconds(column)
+    n = len(column)
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        return _numbers_to_seconds(column, unit)
     if pa.types.is_timestamp(kind):
-        return pc.cast(pc.cast(column, pa.timestamp("s", tz=kind.tz), safe=False), pa.int64())
+        seconds = pc.cast(pc.cast(column, pa.timestamp("s", tz=kind.tz), safe=False), pa.int64())
+        return (*_seconds_in_range(seconds, np.zeros(n, dtype=bool)), np.full(n, -1, dtype=np.int8))
     if pa.types.is_date(kind):
-        return pc.cast(pc.cast(column, pa.timestamp("s"), safe=False), pa.int64())
+        seconds = pc.cast(pc.cast(column, pa.timestamp("s"), safe=False), pa.int64())
+        return (*_seconds_in_range(seconds, np.zeros(n, dtype=bool)), np.full(n, -1, dtype=np.int8))
     if not pa.types.is_string(kind):
         raise _type_error(name, kind, "timestamps")
     text = pc.utf8_trim_whitespace(column)
@@ -273,8 +325,61 @@ def _to_unix_seconds(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     is_int = pc.match_substring_regex(text, _INTEGER)
     unsigned = pc.replace_substring_regex(text, r"^\+", "")
     as_int = pc.cast(_null_if(pc.invert(is_int), unsigned), pa.int64())
-    as_float = _floats_to_seconds(_parse_numbers(_null_if(is_int, text)))
-    return pc.coalesce(as_int, as_float, _parse_iso(text))
+    int_seconds, int_out, int_code = _numbers_to_seconds(as_int, unit)
+    floats = _parse_numbers(_null_if(is_int, text))
+    float_seconds, float_out, float_code = _numbers_to_seconds(floats, unit)
+    iso_seconds, iso_out = _seconds_in_range(_parse_iso(text), _fill(pc.match_substring_regex(text, _FAR_YEAR)))
+    seconds = pc.coalesce(int_seconds, float_seconds, iso_seconds)
+    return seconds, int_out | float_out | iso_out, np.maximum(int_code, float_code)
+
+
+def _seconds_in_range(
+    seconds: pa.ChunkedArray | pa.Array, out_of_range: np.ndarray
+) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """Seconds outside [epoch, 2262-04-11] (or already flagged) become null and are flagged."""
+    out = out_of_range | _fill(pc.or_(pc.less(seconds, 0), pc.greater(seconds, int(_LATEST[0]))))
+    return pa.chunked_array([_null_if(pa.array(out), pa.array(_combine(seconds)))]), out
+
+
+def _combine(values: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _numbers_to_seconds(
+    column: pa.ChunkedArray | pa.Array, unit: str
+) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray]:
+    """Numbers in `unit` (or, for auto, in the unit of their magnitude band) -> floored seconds.
+
+    NaN and inf are unparseable (null, not out of range); a finite number that fits no band is out
+    of range. Bounds are checked in the number's own type before dividing, so nothing overflows.
+    """
+    values = _combine(column)
+    kind = values.type
+    valid = ~_fill(pc.is_null(values))
+    if pa.types.is_floating(kind):
+        valid &= _fill(pc.is_finite(values))
+        raw = np.asarray(pc.fill_null(pc.cast(values, pa.float64()), 0.0).to_numpy(zero_copy_only=False))
+    elif pa.types.is_unsigned_integer(kind) and kind.bit_width == 64:
+        raw = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+        too_big = raw > np.uint64(_INT64_MAX)
+        raw = np.where(too_big, np.uint64(_INT64_MAX), raw).astype(np.int64)
+        raw[too_big] = -1  # below every band: out of range
+    else:
+        raw = pc.fill_null(pc.cast(values, pa.int64()), 0).to_numpy(zero_copy_only=False)
+    code = np.full(len(values), -1, dtype=np.int8)
+    if unit == "auto":
+        for k in range(len(TIME_UNITS)):
+            code[valid & (raw >= _AUTO_LOW[k]) & (raw <= _LATEST[k])] = k
+    else:
+        k = TIME_UNITS.index(unit)
+        code[valid & (raw >= 0) & (raw <= _LATEST[k])] = k
+    known = code >= 0
+    per = _PER_SECOND[np.maximum(code, 0)]
+    if raw.dtype.kind == "f":
+        seconds = np.floor(np.where(known, raw, 0.0) / per).astype(np.int64)
+    else:
+        seconds = np.floor_divide(np.where(known, raw, 0), per)
+    return pa.chunked_array([pa.array(seconds, mask=~known)]), valid & ~known, code
 
 
 def _parse_iso(text: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from recforge.runtime import free_port
+from recforge.runtime import die_with_parent, free_port
 from recforge.scenarios.settings import SimulateConfig
 from recforge.simulate.world import World
 from recforge.storage import write_text
@@ -117,7 +117,8 @@ def running_server(cfg: SimulateConfig, registry_root: Path, events_dir: Path, l
     args += ["--experiments", str(experiments)]
     log_path = cfg.root / "serve.log"
     with open(log_path, "ab") as handle:
-        proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=die_with_parent)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", token, log_path)
     try:
         deadline = time.monotonic() + cfg.ready_timeout_s
