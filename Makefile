@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 DEV_LOCK := requirements/dev-lock.txt
 
-.PHONY: quickstart test test-airflow lint layering bench lock lock-cuda audit clean
+.PHONY: quickstart test test-fast test-airflow lint layering bench lock lock-cuda audit clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "recforge needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -32,6 +32,11 @@ TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 	deploy/airflow/test_dag.sh
+
+# The quick lane for the edit loop: unit and seeded numeric tests, no end-to-end runs (-m "not slow";
+# a test that starts the CLI, a server or a cluster carries @pytest.mark.slow). make test runs them all.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # The Airflow DAG run for real with dag.test() in its own environment (.venv-airflow: Airflow's pins
 # conflict with recforge's); the pipeline steps it runs use .venv's recforge.

@@ -124,6 +124,7 @@ def test_dimension_mismatch_and_bad_arguments_fail_clearly():
     assert ids[0].tolist()[:1] == [0] and ids[0, 4:].tolist() == [-1, -1] and np.isneginf(scores[0, 4:]).all()
 
 
+@pytest.mark.slow  # builds a 100k-item HNSW graph (~10 s): in make test, not in make test-fast
 def test_default_settings_keep_recall_on_a_100k_catalog():
     """The issue's bar: at the default settings a 100k-item catalog gets the approximate index
     (auto -> HNSW) with recall@10 >= 0.95 against exact search."""

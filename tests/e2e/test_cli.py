@@ -13,6 +13,8 @@ from _cli import ML_SCHEMA, MOVIELENS, SMALL_WORLD, _recforge, run
 
 from recforge.train.checkpoint import read_checkpoint
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def quickstart_dir(tmp_path_factory) -> Path:

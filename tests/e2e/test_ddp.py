@@ -16,7 +16,8 @@ from _cli import SMALL_WORLD, _recforge, run
 
 from recforge.train.checkpoint import read_checkpoint
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")]
 
 # 2 ranks x 256 rows per step see the same rows per step as 1 rank x 512.
 COMMON = [*SMALL_WORLD, "train.epochs=3", "train.patience=5", "train.log_every=5", "train.checkpoint_every=0"]

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from _cli import SMALL_WORLD, run
 
+pytestmark = pytest.mark.slow
+
 WORLD = [*SMALL_WORLD, "data.history_length=10", "train.epochs=2", "train.patience=5"]
 
 
