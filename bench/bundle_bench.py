@@ -100,7 +100,7 @@ def one_request(bundle: Any, workdir: Path, candidates: int) -> tuple[Inputs, In
 
 def measure(model_name: str, bundle_dir: Path, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from recforge import bundle as bundle_module
-    from recforge import jobs
+    from recforge.recipes.runs import load_trained_model
 
     files = [p for p in bundle_dir.rglob("*") if p.is_file()]
     sizes = {"total_mb": sum(p.stat().st_size for p in files) / 1e6,
@@ -114,7 +114,7 @@ def measure(model_name: str, bundle_dir: Path, workdir: Path, args: argparse.Nam
             bundle_module.load_bundle(bundle_dir, runtime=runtime, onnx_threads=1)
             seconds.append(time.perf_counter() - started)
         loads[f"{runtime}_ms"] = statistics.median(seconds) * 1e3
-    eager = jobs.load_trained_model(workdir / model_name)
+    eager = load_trained_model(workdir / model_name)
     scripted = bundle_module.load_bundle(bundle_dir)
     onnx = bundle_module.load_bundle(bundle_dir, runtime="onnx", onnx_threads=1)
     inputs, user = one_request(scripted, workdir, args.candidates)

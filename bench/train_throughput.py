@@ -198,10 +198,11 @@ def _recforge_model(sparse: bool) -> Any:
     import torch
 
     from recforge.config import ModelConfig
-    from recforge.models import FeatureSpec, build_model
+    from recforge.features import FeatureLayout
+    from recforge.models import build_model
 
     torch.manual_seed(0)
-    features = FeatureSpec(categorical=FIELDS, cardinalities=tuple(VOCAB.values()), numeric=())
+    features = FeatureLayout(categorical=FIELDS, cardinalities=tuple(VOCAB.values()), numeric=())
     cfg = ModelConfig(name="dnn", embedding_dim=EMBEDDING_DIM, hidden=list(HIDDEN), dropout=0.0)
     return build_model(features, cfg, sparse=sparse)
 

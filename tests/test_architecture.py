@@ -75,7 +75,7 @@ def test_the_server_process_loads_no_training_code_and_no_faiss():
     probe = (
         "import sys, recforge.serve.app\n"
         "banned = ('faiss', 'pyspark', 'recforge.train', 'recforge.models', 'recforge.nn', 'recforge.data',"
-        " 'recforge.metrics', 'recforge.evaluate', 'recforge.index', 'recforge.jobs')\n"
+        " 'recforge.metrics', 'recforge.evaluate', 'recforge.index', 'recforge.recipes')\n"
         "print(sorted(m for m in sys.modules if m.startswith(banned)))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)

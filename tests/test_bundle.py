@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from recforge import bundle, jobs
+from recforge import bundle
 from recforge.data.batches import SplitData
+from recforge.recipes.runs import feature_layout, item_catalog, load_run_config, load_trained_model
 
 WORLD = ["data.generate.users=800", "data.generate.items=300", "data.generate.events=20000", "data.generate.days=6",
          "train.epochs=1", "train.batch_size=512", "train.progress=false"]
@@ -85,9 +86,9 @@ def test_export_prints_one_json_line_and_writes_a_complete_bundle(work: Path) ->
 
 def test_catalog_and_popularity_match_the_training_data(work: Path) -> None:
     loaded = bundle.load_bundle(work / "bundles" / "dnn")
-    prepared = jobs.load_run_config(work / "dnn").resolved_prepared_dir
-    features = jobs.feature_spec(prepared)
-    np.testing.assert_array_equal(loaded.item_features, jobs.item_catalog(prepared, features).numpy())
+    prepared = load_run_config(work / "dnn").resolved_prepared_dir
+    features = feature_layout(prepared)
+    np.testing.assert_array_equal(loaded.item_features, item_catalog(prepared, features).numpy())
     assert loaded.item_features.dtype == np.int64 and loaded.item_features[0, 0] == 0
     train = SplitData.load(prepared, "train")
     positives = train.categorical[train.label > 0].numpy()
@@ -128,7 +129,7 @@ class Refuse(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} must not be imported when loading a bundle")
         return None
 
-FORBIDDEN = ("recforge.models", "recforge.train", "recforge.nn", "recforge.jobs", "recforge.data.prepare",
+FORBIDDEN = ("recforge.models", "recforge.train", "recforge.nn", "recforge.recipes", "recforge.data.prepare",
              "recforge.data.validate", "recforge.data.sources")
 sys.meta_path.insert(0, Refuse())
 import torch
@@ -150,7 +151,7 @@ print(json.dumps({"kind": b.kind, "modules": sorted(m for m in sys.modules if m.
 @pytest.mark.parametrize("runtime", ["torchscript", "onnx"])
 def test_bundle_loads_without_training_code_and_matches_the_eager_model(work: Path, tmp_path: Path,
                                                                          runtime: str) -> None:
-    run_cfg = jobs.load_run_config(work / "dnn")
+    run_cfg = load_run_config(work / "dnn")
     prepared = run_cfg.resolved_prepared_dir
     test = SplitData.load(prepared, "test")
     rows = test.batch(torch.arange(len(test)))
@@ -161,17 +162,17 @@ def test_bundle_loads_without_training_code_and_matches_the_eager_model(work: Pa
                                str(tmp_path / "logits.pt"), runtime], capture_output=True, text=True, timeout=120))
     report = json.loads(proc.stdout)
     assert report["kind"] == "ranker"
-    assert not [m for m in report["modules"] if m.startswith(("recforge.models", "recforge.train", "recforge.jobs"))]
+    assert not [m for m in report["modules"] if m.startswith(("recforge.models", "recforge.train", "recforge.recipes"))]
     assert report["first_user_row"] == [1, 0, 0]
     # onnxruntime is imported only when the ONNX runtime is asked for.
     assert report["onnx"] is report["onnxruntime_imported"] is (runtime == "onnx")
-    cards = dict(zip(run_cfg.data.schema_.categorical, jobs.feature_spec(prepared).cardinalities, strict=True))
+    cards = dict(zip(run_cfg.data.schema_.categorical, feature_layout(prepared).cardinalities, strict=True))
     assert report["catalog"][0] == cards["item_id"]
     items = cards["item_id"]
     assert report["popularity"] == {"device": [cards["device"], items], "hour": [cards["hour"], items],
                                     "overall": [items]}
     with torch.no_grad():
-        eager = jobs.load_trained_model(work / "dnn")(rows.categorical, rows.numeric)
+        eager = load_trained_model(work / "dnn")(rows.categorical, rows.numeric)
     scripted = torch.load(tmp_path / "logits.pt")
     assert scripted.shape == eager.shape == (len(test),)
     torch.testing.assert_close(scripted, eager, atol=1e-5, rtol=0)
@@ -223,7 +224,7 @@ def test_export_refuses_a_model_whose_script_differs(work: Path, tmp_path: Path)
             bump = 0.0 if torch.jit.is_scripting() else 1.0
             return categorical.float().sum(1) + bump
 
-    prepared = jobs.load_run_config(work / "dnn").resolved_prepared_dir
+    prepared = load_run_config(work / "dnn").resolved_prepared_dir
     inputs = (torch.ones(4, 2, dtype=torch.long), torch.zeros(4, 1), None, None)
     with pytest.raises(bundle.BundleError, match="parity"):
         bundle.write_bundle(Diverging(), tmp_path / "b", model_name="x", features={}, vocab_dir=prepared / "vocab",
@@ -234,8 +235,8 @@ def test_export_refuses_a_model_whose_script_differs(work: Path, tmp_path: Path)
 def test_two_tower_bundle_searches_like_the_eager_model(work: Path) -> None:
     loaded = bundle.load_bundle(work / "bundles" / "tt")
     assert loaded.kind == "retrieval" and loaded.index is not None and loaded.item_features is not None
-    eager = jobs.load_trained_model(work / "tt")
-    prepared = jobs.load_run_config(work / "tt").resolved_prepared_dir
+    eager = load_trained_model(work / "tt")
+    prepared = load_run_config(work / "tt").resolved_prepared_dir
     test = SplitData.load(prepared, "test")
     rows = test.batch(torch.arange(64))
     with torch.no_grad():
@@ -303,7 +304,7 @@ def test_export_to_s3_uploads_a_verified_bundle_and_never_overwrites(work: Path,
     loaded = bundle.load_bundle(local, runtime="onnx")
     reference = bundle.load_bundle(work / "bundles" / "dnn")
     assert set(loaded.manifest["files"]) == set(reference.manifest["files"])
-    rows = SplitData.load(jobs.load_run_config(work / "dnn").resolved_prepared_dir, "test").batch(torch.arange(64))
+    rows = SplitData.load(load_run_config(work / "dnn").resolved_prepared_dir, "test").batch(torch.arange(64))
     torch.testing.assert_close(loaded.score(rows.categorical, rows.numeric),
                                reference.score(rows.categorical, rows.numeric), atol=1e-5, rtol=0)
     again = _recforge("export", "--run", str(work / "dnn"), "--out", uri, cwd=work)

@@ -15,12 +15,16 @@ import onnx as onnx_format
 import pytest
 import torch
 
-from recforge import bundle, jobs
+from recforge import bundle
 from recforge import config as config_module
 from recforge.config import ModelConfig
 from recforge.data.batches import SplitData
 from recforge.models import MODELS, build_model
 from recforge.models.two_tower import TwoTower
+from recforge.recipes.generate import generate
+from recforge.recipes.prepare import prepare_data
+from recforge.recipes.retrieval import build_item_index
+from recforge.recipes.runs import feature_layout, item_catalog
 
 ATOL = 1e-5
 # Batch sizes to score at: one row, an odd size, and every held-out row; none is the traced size.
@@ -32,14 +36,14 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("onnx")
     cfg = config_module.load(None, [f"workdir={work}", "data.generate.users=300", "data.generate.items=120",
                                     "data.generate.events=6000", "data.generate.days=4", "data.history_length=6"])
-    jobs.generate(cfg)
-    jobs.prepare_data(cfg)
+    generate(cfg)
+    prepare_data(cfg)
     return cfg.resolved_prepared_dir
 
 
 def _model(name: str, prepared: Path) -> torch.nn.Module:
     torch.manual_seed(7)
-    model = build_model(jobs.feature_spec(prepared), ModelConfig(name=name, hidden=[32, 16]))
+    model = build_model(feature_layout(prepared), ModelConfig(name=name, hidden=[32, 16]))
     with torch.no_grad():
         for module_name, param in model.named_parameters():
             if "embeddings" in module_name or "first_order" in module_name:
@@ -49,7 +53,7 @@ def _model(name: str, prepared: Path) -> torch.nn.Module:
 
 def _export(name: str, prepared: Path, out: Path, *, with_history: bool = True) -> tuple[torch.nn.Module, Path]:
     model = _model(name, prepared)
-    features = jobs.feature_spec(prepared)
+    features = feature_layout(prepared)
     test = SplitData.load(prepared, "test")
     rows = test.batch(torch.arange(min(300, len(test))))
     if not with_history:
@@ -58,11 +62,11 @@ def _export(name: str, prepared: Path, out: Path, *, with_history: bool = True) 
     index_dir = None
     if isinstance(model, TwoTower):
         index_dir = out.parent / f"{name}-index"
-        jobs.build_item_index(model, prepared, features, index_dir, kind="flat")
+        build_item_index(model, prepared, features, index_dir, kind="flat")
     path = bundle.write_bundle(
         model, out, model_name=name, features={}, vocab_dir=prepared / "vocab", config={}, metrics={},
         data_fingerprint={}, parity_inputs=(rows.categorical, rows.numeric, rows.history_values, rows.history_offsets),
-        item_index_dir=index_dir, item_features=jobs.item_catalog(prepared, features).numpy(),
+        item_index_dir=index_dir, item_features=item_catalog(prepared, features).numpy(),
         formats=("torchscript", "onnx"))
     return model, path
 

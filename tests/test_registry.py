@@ -19,7 +19,8 @@ from recforge import registry as reg
 from recforge.bundle import BundleError, write_bundle
 from recforge.config import ModelConfig
 from recforge.data.vocab import Vocab
-from recforge.models import FeatureSpec, build_model
+from recforge.features import FeatureLayout
+from recforge.models import build_model
 
 
 def _make_bundle(out: Path, *, lr: float = 0.001, auc: float = 0.7, seed: int = 0) -> Path:
@@ -28,7 +29,7 @@ def _make_bundle(out: Path, *, lr: float = 0.001, auc: float = 0.7, seed: int = 
     vocab_dir.mkdir(parents=True)
     Vocab.fit("user_id", pa.array(["a", "b", "c"])).save(vocab_dir / "user_id.json")
     torch.manual_seed(seed)
-    spec = FeatureSpec(categorical=("user_id", "item_id"), cardinalities=(4, 4), numeric=("x",))
+    spec = FeatureLayout(categorical=("user_id", "item_id"), cardinalities=(4, 4), numeric=("x",))
     model = build_model(spec, ModelConfig(embedding_dim=4, hidden=[8]))
     inputs = (torch.tensor([[1, 2], [3, 0]]), torch.zeros(2, 1), None, None)
     return write_bundle(model, out, model_name="dnn", features={"categorical": ["user_id", "item_id"]},

@@ -34,8 +34,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from recforge.features import FEATURES_FILE, FeatureLayout
 from recforge.runtime import env_fingerprint
-from recforge.storage import StorageError, check_relative, read_json, refuse_links, save_array, sha256_file, write_json
+from recforge.storage import (
+    StorageError,
+    check_relative,
+    current_umask,
+    read_json,
+    refuse_links,
+    save_array,
+    sha256_file,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from recforge.index import ItemIndex
@@ -71,13 +81,7 @@ ONNX_INPUTS = ("categorical", "numeric", "history_values", "history_offsets")
 ONNX_EXPORT_BATCH = 8
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
+_UMASK = current_umask()
 
 ModelInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
@@ -175,6 +179,11 @@ class Bundle:
     runtime: str = "torchscript"
     onnx: OnnxGraph | None = None
     onnx_user_tower: OnnxGraph | None = None
+
+    @property
+    def layout(self) -> FeatureLayout:
+        """The feature layout the model was trained on (features.json, read in any version it was written in)."""
+        return FeatureLayout.from_dict(self.features, str(self.path / FEATURES_FILE))
 
     @property
     def kind(self) -> str:
@@ -435,7 +444,7 @@ def write_bundle(
     out_dir: Path,
     *,
     model_name: str,
-    features: Mapping[str, Any],
+    features: FeatureLayout | Mapping[str, Any],
     vocab_dir: Path,
     config: Mapping[str, Any],
     metrics: Mapping[str, Any],
@@ -497,7 +506,7 @@ def write_bundle(
         (tmp / VOCAB_DIR).mkdir()
         for path in vocab_paths:
             shutil.copyfile(path, tmp / VOCAB_DIR / path.name)
-        write_json(tmp / "features.json", dict(features))
+        write_json(tmp / FEATURES_FILE, features.to_dict() if isinstance(features, FeatureLayout) else dict(features))
         write_json(tmp / "config.json", dict(config))
         write_json(tmp / "metrics.json", dict(metrics))
         write_json(tmp / "data.json", dict(data_fingerprint))

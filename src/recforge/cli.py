@@ -1,4 +1,4 @@
-"""`recforge ...`: thin commands, each calling one function of recforge.jobs.
+"""`recforge ...`: thin commands, each calling one recipe of recforge.recipes.
 
 Every command takes `--config FILE` plus `key=value` overrides, prints human output on stderr/
 stdout and exits non-zero with a one-line reason on failure (the traceback only with
@@ -75,10 +75,10 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - a thin wrapper for unif
 @data_app.command("generate")
 def data_generate(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Write the synthetic world's behaviour log (seeded, deterministic) under WORKDIR/raw."""
-    from recforge import jobs
+    from recforge.recipes.generate import generate
 
     cfg = _run(_load, config, overrides)
-    summary = _run(jobs.generate, cfg)
+    summary = _run(generate, cfg)
     _log(f"generated {summary['rows']:,} events ({summary['users']:,} users, {summary['items']:,} items, "
          f"{summary['days']} days, CTR {summary['ctr']:.3f}) in {summary['seconds']:.1f}s -> "
          f"{Path(cfg.workdir) / 'raw'}")
@@ -112,10 +112,10 @@ def data_validate(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where the quarantine and report go.")] = None,
 ) -> None:
     """Check a log against the schema: clean rows are counted, bad rows quarantined with a reason."""
-    from recforge import jobs
+    from recforge.recipes.prepare import validate_source
 
     cfg = _run(_load, config, overrides)
-    outcome = _run(jobs.validate_source, cfg, out_dir)
+    outcome = _run(validate_source, cfg, out_dir)
     _print_validation(outcome.result, outcome.files)
     print(json.dumps(outcome.result.report()))
 
@@ -123,10 +123,10 @@ def data_validate(
 @data_app.command("prepare")
 def data_prepare(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Validate, split by time, fit vocabularies on train only, write encoded arrays."""
-    from recforge import jobs
+    from recforge.recipes.prepare import prepare_data
 
     cfg = _run(_load, config, overrides)
-    info, result = _run(jobs.prepare_data, cfg)
+    info, result = _run(prepare_data, cfg)
     _print_validation(result, {"prepared": info.path})
     split = info.meta["split"]
     _log("split: " + ", ".join(f"{name} {split[name]['rows']:,}" for name in ("train", "valid", "test")))
@@ -148,7 +148,7 @@ def train_cmd(
         "directory and continue from it.")] = None,
 ) -> None:
     """Train the configured model on the prepared dataset."""
-    from recforge import jobs
+    from recforge.recipes.train import restore_run, train_model
 
     if resume and resume_from:
         _fail(ValueError("give --resume (continue the local run) or --resume-from URI (restore it), not both"))
@@ -157,12 +157,12 @@ def train_cmd(
     cfg = _run(_load, config, overrides)
     if nproc_per_node > 1:
         if resume_from:  # restored once here, then every rank resumes from the local copy
-            restored = _run(jobs.restore_run, cfg, resume_from, _log)
+            restored = _run(restore_run, cfg, resume_from, _log)
             overrides = [*(overrides or []), f"train.mirror_to={restored.train.mirror_to}"]
             resume = True
         _launch_torchrun(nproc_per_node, config, overrides, resume, cfg.resolved_run_dir)
         return
-    result = _run(jobs.train_model, cfg, resume=resume, resume_from=resume_from, log=_log)
+    result = _run(train_model, cfg, resume=resume, resume_from=resume_from, log=_log)
     state = result.state
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
         print(json.dumps({"run_dir": str(result.run_dir), "finished": state.finished,
@@ -221,20 +221,22 @@ def evaluate_cmd(
         "--without-history", help="Empty every user history (ablation for sequence models).")] = False,
 ) -> None:
     """Score the trained model and the popularity baseline on the same held-out split."""
-    from recforge import jobs
+    from recforge.models import model_entry
+    from recforge.recipes.evaluate import evaluate_run
+    from recforge.recipes.runs import load_run_config
 
     cfg = _run(_load, config, overrides)
-    run_cfg = _run(jobs.load_run_config, cfg.resolved_run_dir)
-    if run_cfg.model.name == "two_tower":
-        from recforge import retrieval_jobs
+    run_cfg = _run(load_run_config, cfg.resolved_run_dir)
+    if model_entry(run_cfg.model.name).kind == "retrieval":
+        from recforge.recipes.retrieval import evaluate_retrieval
 
-        results = _run(retrieval_jobs.evaluate_retrieval, cfg, split)
+        results = _run(evaluate_retrieval, cfg, split)
         if as_json:
             print(json.dumps(results))
         else:
             out.print(_retrieval_table(results, f"{split} split: full-catalog retrieval"))
         return
-    results = _run(jobs.evaluate_run, cfg, split, without_history, _log)
+    results = _run(evaluate_run, cfg, split, without_history, _log)
     if as_json:
         print(json.dumps(results))
     else:
@@ -266,7 +268,7 @@ def recommend_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Two-stage recommendations: two-tower + FAISS retrieve candidates, the ranker orders them."""
-    from recforge import retrieval_jobs
+    from recforge.recipes.retrieval import recommend_users
 
     cfg = _run(_load, config, overrides)
     pairs = {}
@@ -276,7 +278,7 @@ def recommend_cmd(
             _fail(ValueError(f"--context {item!r} is not FIELD=VALUE"))
         pairs[name] = value
     workdir = Path(cfg.workdir)
-    results = _run(retrieval_jobs.recommend_users, cfg, user, retrieval_run=retrieval_run or workdir / "two_tower",
+    results = _run(recommend_users, cfg, user, retrieval_run=retrieval_run or workdir / "two_tower",
                    ranking_run=ranking_run or workdir / "dnn", k=k, num_candidates=candidates, context=pairs,
                    exclude_seen=not include_seen)
     if as_json:
@@ -297,23 +299,26 @@ def recommend_cmd(
 @app.command("quickstart")
 def quickstart(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Generate the synthetic world, prepare it, train the DNN ranker and evaluate it vs popularity."""
-    from recforge import jobs
+    from recforge.recipes.evaluate import evaluate_run
+    from recforge.recipes.generate import generate
+    from recforge.recipes.prepare import prepare_data
+    from recforge.recipes.train import train_model
 
     cfg = _run(_load, config, overrides)
     started = time.time()
     _log(f"[bold]1/4 generate[/] synthetic world: {cfg.data.generate.users:,} users, "
          f"{cfg.data.generate.items:,} items, {cfg.data.generate.events:,} events")
-    gen = _run(jobs.generate, cfg)
+    gen = _run(generate, cfg)
     _log(f"    {gen['rows']:,} events, CTR {gen['ctr']:.3f}, {gen['seconds']:.1f}s")
     _log("[bold]2/4 prepare[/]: validate, time split, vocabularies on train, encode")
-    info, result = _run(jobs.prepare_data, cfg)
+    info, result = _run(prepare_data, cfg)
     split = info.meta["split"]
     _log(f"    kept {result.rows_kept:,} of {result.rows_read:,} rows; train {split['train']['rows']:,} / "
          f"valid {split['valid']['rows']:,} / test {split['test']['rows']:,}")
     _log(f"[bold]3/4 train[/] {cfg.model.name}")
-    trained = _run(jobs.train_model, cfg, log=_log)
+    trained = _run(train_model, cfg, log=_log)
     _log("[bold]4/4 evaluate[/] on the held-out test days")
-    results = _run(jobs.evaluate_run, cfg, "test")
+    results = _run(evaluate_run, cfg, "test")
     out.print(_metrics_table(results, "test split: model vs popularity"))
     lift = results["model"]["auc"] - results["popularity"]["auc"]
     out.print(f"AUC lift over popularity: {lift:+.4f}   GAUC lift: "
@@ -336,7 +341,7 @@ def plan_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Parameter, gradient, optimizer and activation memory per device; what to do when it won't fit."""
-    from recforge import jobs
+    from recforge.recipes.train import plan
 
     cfg = _run(_load, config, overrides)
     fields = {}
@@ -345,7 +350,7 @@ def plan_cmd(
         if not rows.isdigit():
             _fail(ValueError(f"--field {item!r} is not NAME=ROWS"))
         fields[name] = int(rows)
-    result = _run(jobs.plan, cfg, fields=fields, world_size=world_size, device_memory_gib=device_memory_gib)
+    result = _run(plan, cfg, fields=fields, world_size=world_size, device_memory_gib=device_memory_gib)
     gib = 1024**3
     parts = {"embeddings": result.embedding_bytes, "dense layers": result.dense_bytes,
              "gradients": result.gradient_bytes, "optimizer state": result.optimizer_bytes,
@@ -386,12 +391,12 @@ def export_cmd(
     parity_rows: Annotated[int, typer.Option(help="Held-out rows the exported model is checked on.")] = 2048,
 ) -> None:
     """Export a trained run as a self-contained bundle (TorchScript, optionally ONNX) with a checksummed manifest."""
-    from recforge import jobs
+    from recforge.recipes.export import export_run
 
     if fmt not in ("torchscript", "onnx"):
         _fail(ValueError(f"--format must be torchscript or onnx, got {fmt!r}"))
     formats = ("torchscript", "onnx") if fmt == "onnx" else ("torchscript",)
-    location = _run(jobs.export_run, run, out_uri, formats=formats, parity_rows=parity_rows)
+    location = _run(export_run, run, out_uri, formats=formats, parity_rows=parity_rows)
     manifest = _run(_read_bundle_manifest, location)
     print(json.dumps({"bundle": str(location), "kind": manifest["kind"], "model_name": manifest["model_name"],
                       "schema_version": manifest["schema_version"], "files": len(manifest["files"]),

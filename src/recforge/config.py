@@ -19,11 +19,14 @@ class ConfigError(ValueError):
     """A configuration problem; the message lists every offending key."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """The base of every recforge config and settings model: an unknown key is an error naming it, and a
+    loaded config cannot change under the code that read it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LabelConfig(_Strict):
+class LabelConfig(Strict):
     """How the label column turns into a 0/1 click target.
 
     click: values must be 0 or 1. rating: values in [min, max]; label = rating >= threshold.
@@ -45,7 +48,7 @@ class LabelConfig(_Strict):
         return self
 
 
-class SchemaConfig(_Strict):
+class SchemaConfig(Strict):
     """Column roles of an event log. Names are the columns as they appear after reading."""
 
     user: str = "user_id"
@@ -82,7 +85,7 @@ class SchemaConfig(_Strict):
         return [self.user, self.item, *self.context, *self.item_features]
 
 
-class SplitConfig(_Strict):
+class SplitConfig(Strict):
     """time: global cut points at timestamp quantiles (no event of the future in train).
     leave_last_out: each user's last event is test, the one before valid (users with < 3 events
     stay wholly in train)."""
@@ -98,13 +101,13 @@ class SplitConfig(_Strict):
         return self
 
 
-class VocabConfig(_Strict):
+class VocabConfig(Strict):
     min_count: int = Field(1, ge=1)
     # field -> number of hash buckets; hashed fields need no vocabulary (huge id spaces).
     hash_buckets: dict[str, int] = Field(default_factory=dict)
 
 
-class NegativesConfig(_Strict):
+class NegativesConfig(Strict):
     """Negative sampling for implicit logs (ignored for click/rating labels)."""
 
     per_positive: int = Field(4, ge=1)
@@ -113,7 +116,7 @@ class NegativesConfig(_Strict):
     alpha: float = Field(0.75, ge=0.0)
 
 
-class GenerateConfig(_Strict):
+class GenerateConfig(Strict):
     """The synthetic world behind `recforge data generate` and the quickstart."""
 
     users: int = Field(20_000, ge=10)
@@ -126,7 +129,7 @@ class GenerateConfig(_Strict):
     start_date: str = "2026-01-01"
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     # A file or a directory of files; None means the generated synthetic log under workdir.
     source: str | None = None
     format: Literal["auto", "parquet", "csv", "movielens"] = "auto"
@@ -141,7 +144,7 @@ class DataConfig(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name: str = "dnn"
     embedding_dim: int = Field(16, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [256, 128])
@@ -157,7 +160,7 @@ class ModelConfig(_Strict):
     structure: Literal["parallel", "stacked"] = "parallel"
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(1e-3, gt=0.0)
@@ -197,7 +200,7 @@ class TrainConfig(_Strict):
         return self.optimizer in ("rowwise_adam", "sparse_adam")
 
 
-class Config(_Strict):
+class Config(Strict):
     seed: int = 42
     # Where generated data, prepared datasets and runs go unless a path below says otherwise.
     workdir: str = "runs/quickstart"

@@ -39,13 +39,15 @@ from typing import IO, Any, TypeVar
 import numpy as np
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back): files written through a
+    temp file get the mode a plain open() would have given them."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-_UMASK = _current_umask()
+_UMASK = current_umask()
 
 
 @contextlib.contextmanager

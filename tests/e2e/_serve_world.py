@@ -25,7 +25,7 @@ import pytest
 import torch
 from _cli import _recforge, run
 
-from recforge.runtime import free_port
+from recforge.runtime import die_with_parent, free_port
 
 WORLD = ["data.generate.users=800", "data.generate.items=300", "data.generate.events=12000",
          "data.generate.days=6", "train.epochs=1", "train.batch_size=512", "train.progress=false"]
@@ -76,16 +76,19 @@ def _failing_bundle(dnn: Path, out: Path) -> Path:
 def _build(root: Path) -> None:
     # Data and training run in-process (the CLI's own tests cover those commands); the bundles are made by
     # the real `recforge export`, as an operator would.
-    from recforge import config, jobs
+    from recforge import config
     from recforge import registry as reg
+    from recforge.recipes.generate import generate
+    from recforge.recipes.prepare import prepare_data
+    from recforge.recipes.train import train_model
 
     work = root / "work"
     work.mkdir(parents=True)
     common = [f"workdir={work}", *WORLD]
-    jobs.generate(config.load(None, common))
-    jobs.prepare_data(config.load(None, common))
-    jobs.train_model(config.load(None, [*common, f"run_dir={work / 'dnn'}"]), log=lambda _: None)
-    jobs.train_model(config.load(None, [*common, "model.name=two_tower", f"run_dir={work / 'tt'}"]),
+    generate(config.load(None, common))
+    prepare_data(config.load(None, common))
+    train_model(config.load(None, [*common, f"run_dir={work / 'dnn'}"]), log=lambda _: None)
+    train_model(config.load(None, [*common, "model.name=two_tower", f"run_dir={work / 'tt'}"]),
                      log=lambda _: None)
     bundles = root / "bundles"
     for name in ("dnn", "tt"):
@@ -159,7 +162,8 @@ def start_server(registry: Path, events_dir: Path, log: Path, *extra: str, token
     if token:
         full_env["RECFORGE_ADMIN_TOKEN"] = token
     handle = open(log, "ab")  # noqa: SIM115 - the child writes to it for its whole life
-    proc = subprocess.Popen([*_recforge(), *args], stdout=handle, stderr=subprocess.STDOUT, env=full_env)
+    proc = subprocess.Popen([*_recforge(), *args], stdout=handle, stderr=subprocess.STDOUT, env=full_env,
+                            preexec_fn=die_with_parent)
     handle.close()
     server = Server(proc, f"http://127.0.0.1:{port}", log, args, full_env)
     deadline = time.monotonic() + ready_timeout

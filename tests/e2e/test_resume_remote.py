@@ -11,7 +11,9 @@ import pytest
 import torch
 from _cli import SMALL_WORLD, run
 
-from recforge import config, jobs, storage
+from recforge import config, storage
+from recforge.recipes.generate import generate
+from recforge.recipes.prepare import prepare_data
 from recforge.train.checkpoint import SNAPSHOT_PREFIX, restore_run
 
 WORLD = [*SMALL_WORLD, "data.generate.events=24000", "train.epochs=2", "train.checkpoint_every=5", "train.patience=5"]
@@ -21,8 +23,8 @@ WORLD = [*SMALL_WORLD, "data.generate.events=24000", "train.epochs=2", "train.ch
 def test_mirrored_run_restores_from_s3_to_identical_weights(s3_prefix: str, tmp_path: Path) -> None:
     common = [f"workdir={tmp_path}", *WORLD]
     data_cfg = config.load(None, common)  # the data is made in-process: only training goes through the CLI
-    jobs.generate(data_cfg)
-    jobs.prepare_data(data_cfg)
+    generate(data_cfg)
+    prepare_data(data_cfg)
     run("train", *common, f"run_dir={tmp_path / 'full'}", cwd=tmp_path)
 
     mirror = f"{s3_prefix}/runs/cut"

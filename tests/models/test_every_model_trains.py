@@ -9,12 +9,13 @@ import torch
 from recforge.config import ModelConfig, TrainConfig
 from recforge.data.batches import SplitData
 from recforge.data.history import build_histories
-from recforge.models import MODELS, FeatureSpec, build_model
+from recforge.features import FeatureLayout
+from recforge.models import MODELS, build_model
 from recforge.models.two_tower import TwoTower
 from recforge.train.objectives import InBatchRetrieval, Pointwise
-from recforge.train.trainer import train
+from recforge.train.trainer import TrainOptions, train
 
-FEATURES = FeatureSpec(("user", "item", "hour", "category"), (41, 31, 25, 6), ("position",),
+FEATURES = FeatureLayout(("user", "item", "hour", "category"), (41, 31, 25, 6), ("position",),
                        roles=("user", "item", "context", "item_feature"))
 
 
@@ -55,7 +56,7 @@ def test_every_model_trains_with_a_falling_loss_and_scripts(name, tmp_path):
     before = loss()
     batch_size = 256
     train(model, data, None, TrainConfig(epochs=6, batch_size=batch_size, lr=0.02, progress=False, checkpoint_every=0),
-          tmp_path, seed=0, objective=objective, log=lambda _: None)
+          TrainOptions(tmp_path, seed=0, objective=objective, log=lambda _: None))
     objective.eval()
     after = loss()
     assert after < before - 0.02, (name, before, after)

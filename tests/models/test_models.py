@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from recforge.config import ConfigError, ModelConfig, from_dict
+from recforge.features import FeatureLayout
 from recforge.metrics import auc
 from recforge.metrics import logloss as np_logloss
-from recforge.models import MODELS, FeatureSpec, build_model
+from recforge.models import MODELS, build_model
 from recforge.models.dcn import DCNv2
 from recforge.models.deepfm import DeepFM
 
-FEATURES = FeatureSpec(("user", "item", "hour", "category"), (30, 50, 24, 7), ("position", "age"))
+FEATURES = FeatureLayout(("user", "item", "hour", "category"), (30, 50, 24, 7), ("position", "age"))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +29,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _inputs(features: FeatureSpec, batch: int, seed: int):
+def _inputs(features: FeatureLayout, batch: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     categorical = torch.stack([torch.randint(0, c, (batch,), generator=g) for c in features.cardinalities], dim=1)
     numeric = torch.randn(batch, len(features.numeric), generator=g)
@@ -96,7 +97,7 @@ def test_deepfm_logit_is_first_order_plus_fm_plus_dnn():
 
 
 def test_deepfm_without_numeric_features():
-    features = FeatureSpec(("user", "item"), (5, 6), ())
+    features = FeatureLayout(("user", "item"), (5, 6), ())
     model = build_model(features, ModelConfig(name="deepfm", hidden=[4])).eval()
     categorical = torch.tensor([[1, 2], [4, 5]])
     assert model.numeric_linear is None
@@ -140,7 +141,7 @@ def _ctr_task(n: int, seed: int, additive: bool) -> tuple[torch.Tensor, torch.Te
 def _train_and_score(cfg: ModelConfig, additive: bool, steps: int = 300) -> tuple[float, float, float, float]:
     """(base-rate logloss, logloss before, logloss after, AUC after), all on held-out rows; the base
     rate (one constant probability) is what a model that learned no feature at all would reach."""
-    features = FeatureSpec(("a", "b", "c"), (20, 20, 5), ("x",))
+    features = FeatureLayout(("a", "b", "c"), (20, 20, 5), ("x",))
     categorical, numeric, labels = _ctr_task(6000, seed=1, additive=additive)
     test_cat, test_num, test_y = _ctr_task(3000, seed=2, additive=additive)
     torch.manual_seed(0)

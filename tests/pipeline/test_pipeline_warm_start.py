@@ -11,14 +11,15 @@ import torch
 from recforge.bundle import Bundle, VocabTable
 from recforge.config import ModelConfig
 from recforge.data.vocab import Vocab, save_vocabs
-from recforge.models import FeatureSpec, build_model
+from recforge.features import FeatureLayout
+from recforge.models import build_model
 from recforge.pipeline.warm_start import warm_start_from_bundle
 
 MODEL = ModelConfig(name="dnn", embedding_dim=4, hidden=[8], dropout=0.0)
 
 
 def _champion() -> tuple[Bundle, torch.nn.Module]:
-    features = FeatureSpec(("user_id", "item_id"), (4, 4), ("position",), ("user", "item"))
+    features = FeatureLayout(("user_id", "item_id"), (4, 4), ("position",), ("user", "item"))
     torch.manual_seed(0)
     eager = build_model(features, MODEL).eval()
     bundle = Bundle(path=Path("."), manifest={"kind": "ranker"}, module=torch.jit.script(eager),
@@ -30,13 +31,13 @@ def _champion() -> tuple[Bundle, torch.nn.Module]:
     return bundle, eager
 
 
-def _challenger(tmp_path: Path) -> tuple[torch.nn.Module, FeatureSpec]:
+def _challenger(tmp_path: Path) -> tuple[torch.nn.Module, FeatureLayout]:
     # New window: users u3, u9 (unknown to the champion); items c, a, z (z is new), in count order.
     users = Vocab.fit("user_id", pa.array(["u3", "u3", "u9"]))
     items = Vocab.fit("item_id", pa.array(["c", "c", "c", "a", "a", "z"]))
     assert users.keys == ("u3", "u9") and items.keys == ("c", "a", "z")
     save_vocabs({"user_id": users, "item_id": items}, tmp_path / "vocab")
-    features = FeatureSpec(("user_id", "item_id"), (3, 4), ("position",), ("user", "item"))
+    features = FeatureLayout(("user_id", "item_id"), (3, 4), ("position",), ("user", "item"))
     torch.manual_seed(1)
     return build_model(features, MODEL), features
 

@@ -12,7 +12,8 @@ from recforge import bundle
 from recforge import registry as reg
 from recforge.config import ModelConfig
 from recforge.data.vocab import Vocab
-from recforge.models import FeatureSpec, build_model
+from recforge.features import FeatureLayout
+from recforge.models import build_model
 from recforge.serve.models import Query, encode_requests, load_model, popular
 
 
@@ -22,7 +23,7 @@ def _ranker_bundle(out: Path) -> Path:
     Vocab.fit("user_id", pa.array(["7", "8", "8"])).save(vocab_dir / "user_id.json")
     Vocab.fit("item_id", pa.array(["10", "11", "11", "x"])).save(vocab_dir / "item_id.json")
     torch.manual_seed(0)
-    spec = FeatureSpec(categorical=("user_id", "item_id"), cardinalities=(3, 4), numeric=("position",))
+    spec = FeatureLayout(categorical=("user_id", "item_id"), cardinalities=(3, 4), numeric=("position",))
     model = build_model(spec, ModelConfig(embedding_dim=4, hidden=[8]))
     features = {"categorical": ["user_id", "item_id"], "cardinalities": [3, 4], "numeric": ["position"],
                 "roles": ["user", "item"]}

@@ -8,10 +8,11 @@ import torch
 
 from recforge.config import ModelConfig, TrainConfig
 from recforge.data.batches import SplitData, epoch_permutation, iterate_batches, shard_indices
-from recforge.models import FeatureSpec, build_model
-from recforge.train.trainer import optimizer_step, train
+from recforge.features import FeatureLayout
+from recforge.models import build_model
+from recforge.train.trainer import TrainOptions, optimizer_step, train
 
-FEATURES = FeatureSpec(("user", "item", "hour"), (51, 41, 25), ("position",))
+FEATURES = FeatureLayout(("user", "item", "hour"), (51, 41, 25), ("position",))
 
 
 def _toy_split(n: int, seed: int, name: str = "train") -> SplitData:
@@ -45,6 +46,10 @@ def _model(sparse: bool = False) -> torch.nn.Module:
     return build_model(FEATURES, ModelConfig(embedding_dim=8, hidden=[32, 16], dropout=0.2), sparse=sparse)
 
 
+def _quiet(line: str) -> None:
+    """Log sink for tests that do not look at the log."""
+
+
 def _loss(model: torch.nn.Module, data: SplitData) -> float:
     model.eval()
     with torch.no_grad():
@@ -56,7 +61,7 @@ def test_training_lowers_the_loss(tmp_path):
     data = _toy_split(4000, seed=1)
     model = _model()
     before = _loss(model, data)
-    result = train(model, data, None, _cfg(epochs=8), tmp_path, seed=3, log=lambda _: None)
+    result = train(model, data, None, _cfg(epochs=8), TrainOptions(tmp_path, seed=3, log=_quiet))
     assert result.state.finished and not result.interrupted
     assert _loss(model, data) < before - 0.05
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "checkpoints" / "last.pt").is_file()
@@ -69,16 +74,16 @@ def test_resume_after_interrupt_gives_identical_weights(tmp_path, optimizer):
     data = _toy_split(3000, seed=2)
     cfg = _cfg(optimizer=optimizer)
     full = _model(sparse=optimizer != "adam")
-    train(full, data, None, cfg, tmp_path / "full", seed=5, log=lambda _: None)
+    train(full, data, None, cfg, TrainOptions(tmp_path / "full", seed=5, log=_quiet))
 
     # Interrupted mid-epoch (step 31 of 24 per epoch = epoch 1, step 7), then resumed in a fresh model.
     part = _model(sparse=optimizer != "adam")
-    first = train(part, data, None, _cfg(optimizer=optimizer, stop_after_steps=31), tmp_path / "cut", seed=5,
-                  log=lambda _: None)
+    first = train(part, data, None, _cfg(optimizer=optimizer, stop_after_steps=31),
+                  TrainOptions(tmp_path / "cut", seed=5, log=_quiet))
     assert first.interrupted and first.state.global_step == 31 and first.state.epoch == 1
     torch.manual_seed(1234)  # a resumed process starts from other RNG state; the checkpoint restores it
     resumed = _model(sparse=optimizer != "adam")
-    second = train(resumed, data, None, cfg, tmp_path / "cut", seed=5, resume=True, log=lambda _: None)
+    second = train(resumed, data, None, cfg, TrainOptions(tmp_path / "cut", seed=5, resume=True, log=_quiet))
     assert second.state.finished and second.state.global_step == 3 * 24
 
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
@@ -87,9 +92,9 @@ def test_resume_after_interrupt_gives_identical_weights(tmp_path, optimizer):
 
 def test_resume_refuses_a_different_config(tmp_path):
     data = _toy_split(1000, seed=3)
-    train(_model(), data, None, _cfg(stop_after_steps=3), tmp_path, seed=1, log=lambda _: None)
+    train(_model(), data, None, _cfg(stop_after_steps=3), TrainOptions(tmp_path, seed=1, log=_quiet))
     with pytest.raises(ValueError, match="different model/training config"):
-        train(_model(), data, None, _cfg(lr=0.5), tmp_path, seed=1, resume=True, log=lambda _: None)
+        train(_model(), data, None, _cfg(lr=0.5), TrainOptions(tmp_path, seed=1, resume=True, log=_quiet))
 
 
 def test_early_stopping_stops_and_keeps_best(tmp_path):
@@ -99,7 +104,7 @@ def test_early_stopping_stops_and_keeps_best(tmp_path):
     def validate(model):
         return {"auc": next(calls), "gauc": 0.5, "logloss": 0.6}
 
-    result = train(_model(), data, validate, _cfg(epochs=6, patience=2), tmp_path, seed=1, log=lambda _: None)
+    result = train(_model(), data, validate, _cfg(epochs=6, patience=2), TrainOptions(tmp_path, seed=1, log=_quiet))
     assert result.state.best_epoch == 1
     assert result.state.best_metric == pytest.approx(0.72)
     assert len(result.state.history) == 4  # epochs 0..3; 2 without improvement after epoch 1
@@ -109,20 +114,20 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     data = _toy_split(4000, seed=6)
     model = _model()
     before = _loss(model, data)
-    train(model, data, None, _cfg(epochs=8, amp="bf16"), tmp_path, seed=3, log=lambda _: None)
+    train(model, data, None, _cfg(epochs=8, amp="bf16"), TrainOptions(tmp_path, seed=3, log=_quiet))
     assert _loss(model, data) < before - 0.05
 
 
 def test_fp16_on_cpu_fails_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        train(_model(), _toy_split(100, seed=1), None, _cfg(amp="fp16"), tmp_path, seed=1, log=lambda _: None)
+        train(_model(), _toy_split(100, seed=1), None, _cfg(amp="fp16"), TrainOptions(tmp_path, seed=1, log=_quiet))
 
 
 def test_cuda_requested_without_gpu_says_why(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="is_available"):
-        train(_model(), _toy_split(100, seed=1), None, _cfg(device="cuda"), tmp_path, seed=1, log=lambda _: None)
+        train(_model(), _toy_split(100, seed=1), None, _cfg(device="cuda"), TrainOptions(tmp_path, seed=1, log=_quiet))
 
 
 def test_batches_cover_every_row_once_per_epoch():
@@ -155,3 +160,21 @@ def test_grad_scaler_skips_and_counts_inf_steps():
     assert skipped.item() == 1 and torch.equal(model.weight, before)
     optimizer_step(model(x).sum(), [opt], scaler, skipped)
     assert skipped.item() == 1 and not torch.equal(model.weight, before)
+
+
+def test_optimizer_step_reads_the_scaler_through_its_public_api():
+    """A disabled GradScaler has no scale tensor; the step must still train and count nothing as skipped."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    skipped = torch.zeros(())
+    before = model.weight.detach().clone()
+    optimizer_step(model(torch.ones(4, 3)).sum(), [opt], scaler, skipped)
+    assert skipped.item() == 0 and not torch.equal(model.weight, before)
+
+
+def test_train_options_take_a_str_run_dir(tmp_path):
+    options = TrainOptions(str(tmp_path / "run"), seed=1, log=_quiet)
+    assert options.run_dir == tmp_path / "run"
+    result = train(_model(), _toy_split(300, seed=1), None, _cfg(epochs=1), options)
+    assert result.run_dir == tmp_path / "run" and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

@@ -2,9 +2,9 @@
 
 The prepared directory is everything training and evaluation read: per split, `categorical.npy`
 [N, F] int64, `numeric.npy` [N, K] float32, `label.npy` float32, `timestamp.npy` int64 and
-`user_key.npy` int64, plus `vocab/`, `items/` and `meta.json`. Text is parsed once here; epochs
-only slice arrays. The directory is built under a temporary name and renamed into place, so a
-reader never sees a half-prepared dataset.
+`user_key.npy` int64, plus `vocab/`, `items/`, `meta.json` and `features.json` (the feature layout,
+recforge.features). Text is parsed once here; epochs only slice arrays. The directory is built under
+a temporary name and renamed into place, so a reader never sees a half-prepared dataset.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from recforge.config import NegativesConfig, SchemaConfig, SplitConfig, VocabCon
 from recforge.data.history import build_histories, take_histories
 from recforge.data.schema import DataError
 from recforge.data.vocab import Vocab, fit_vocabs, save_vocabs
+from recforge.features import FEATURES_FILE, FeatureLayout
 from recforge.storage import save_array, write_json
 
 PREPARED_SCHEMA_VERSION = 1
@@ -267,6 +268,7 @@ def prepare(
             "seed": seed,
         }
         write_json(tmp / "meta.json", meta)
+        FeatureLayout.from_prepared_meta(meta).save(tmp / FEATURES_FILE)  # what models and runs read
         for name, path in (extra_files or {}).items():
             shutil.copy2(path, tmp / name)
         meta["seconds"] = round(time.time() - started, 3)

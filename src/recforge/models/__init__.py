@@ -1,13 +1,22 @@
-"""Model builders, in an explicit registry: MODELS[name](features, config) -> nn.Module."""
+"""Model builders, in an explicit registry: MODELS[name] is a ModelEntry (its builder and its kind).
+
+A model's kind says what it is for: a "ranking" model scores (user, item) rows with a click logit;
+a "retrieval" model also embeds users and items for an index (`user_vector`, `item_vector`). The
+recipes map a kind to its training objective and validation (recforge.recipes.kinds), and a bundle
+records it in its manifest, so nothing downstream asks a model for its class. Every builder takes
+the same recforge.features.FeatureLayout the prepared data was written with.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
 from recforge.config import ModelConfig
+from recforge.features import FeatureLayout
 from recforge.models.dcn import DCNv2
 from recforge.models.deepfm import DeepFM
 from recforge.models.din import DIN
@@ -16,32 +25,16 @@ from recforge.models.two_tower import TwoTower
 from recforge.nn import MLP, CrossNetwork, FusedEmbedding, TargetAttention, Tower
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    """What a model needs to know of the prepared data: field names and sizes."""
-
-    categorical: tuple[str, ...]
-    cardinalities: tuple[int, ...]
-    numeric: tuple[str, ...]
-    # Role of each categorical field: user, item, context or item_feature (prepared meta.json).
-    roles: tuple[str, ...] = ()
-
-    def columns(self, *roles: str) -> list[int]:
-        """Positions of the fields with these roles; without recorded roles, field 0 is the user, 1 the item."""
-        known = self.roles or ("user", "item", *["context"] * (len(self.categorical) - 2))
-        return [i for i, role in enumerate(known) if role in roles]
-
-
-def build_dnn(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
+def build_dnn(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
     embeddings = FusedEmbedding(list(features.cardinalities), cfg.embedding_dim, sparse=sparse)
     in_dim = len(features.categorical) * cfg.embedding_dim + len(features.numeric)
     mlp = MLP(in_dim, list(cfg.hidden), cfg.dropout)
     return DNNRanker(embeddings, mlp, num_numeric=len(features.numeric))
 
 
-def build_two_tower(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
+def build_two_tower(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
     user_columns = features.columns("user", "context")
-    item_columns = features.columns("item", "item_feature")
+    item_columns = features.item_columns
     dim = cfg.embedding_dim
     user_embeddings = FusedEmbedding([features.cardinalities[c] for c in user_columns], dim, sparse=sparse)
     item_embeddings = FusedEmbedding([features.cardinalities[c] for c in item_columns], dim, sparse=sparse)
@@ -52,7 +45,7 @@ def build_two_tower(features: FeatureSpec, cfg: ModelConfig, sparse: bool = Fals
                     num_numeric=0, temperature=cfg.temperature, normalize=cfg.normalize)
 
 
-def build_deepfm(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
+def build_deepfm(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
     cardinalities = list(features.cardinalities)
     embeddings = FusedEmbedding(cardinalities, cfg.embedding_dim, sparse=sparse)
     # The first-order weights are embedding rows too: sparse like the main table, so a row-wise
@@ -63,7 +56,7 @@ def build_deepfm(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) 
     return DeepFM(embeddings, first_order, mlp, num_numeric=len(features.numeric))
 
 
-def build_dcnv2(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
+def build_dcnv2(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
     embeddings = FusedEmbedding(list(features.cardinalities), cfg.embedding_dim, sparse=sparse)
     in_dim = len(features.categorical) * cfg.embedding_dim + len(features.numeric)
     cross = CrossNetwork(in_dim, cfg.cross_layers, low_rank=cfg.cross_low_rank)
@@ -71,25 +64,41 @@ def build_dcnv2(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -
     return DCNv2(embeddings, cross, mlp, num_numeric=len(features.numeric), structure=cfg.structure)
 
 
-def build_din(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
+def build_din(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
     dim = cfg.embedding_dim
     embeddings = FusedEmbedding(list(features.cardinalities), dim, sparse=sparse)
     # Inputs: every field's embedding, the attention-pooled history (one embedding), numeric features.
     mlp = MLP((len(features.categorical) + 1) * dim + len(features.numeric), list(cfg.hidden), cfg.dropout)
-    return DIN(embeddings, TargetAttention(dim), mlp, item_column=features.columns("item")[0],
+    return DIN(embeddings, TargetAttention(dim), mlp, item_column=features.item_column,
                num_numeric=len(features.numeric))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "dnn": build_dnn,
-    "two_tower": build_two_tower,
-    "deepfm": build_deepfm,
-    "dcnv2": build_dcnv2,
-    "din": build_din,
+ModelKind = Literal["ranking", "retrieval"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the zoo: how to build it from the feature layout, and what kind of model it is."""
+
+    build: Callable[..., nn.Module]  # (features, ModelConfig, sparse=False) -> nn.Module
+    kind: ModelKind
+    needs_history: bool = False  # trains only on prepared data with user histories (data.history_length)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "dnn": ModelEntry(build_dnn, "ranking"),
+    "two_tower": ModelEntry(build_two_tower, "retrieval"),
+    "deepfm": ModelEntry(build_deepfm, "ranking"),
+    "dcnv2": ModelEntry(build_dcnv2, "ranking"),
+    "din": ModelEntry(build_din, "ranking", needs_history=True),
 }
 
 
-def build_model(features: FeatureSpec, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model '{cfg.name}'; available: {', '.join(sorted(MODELS))}")
-    return MODELS[cfg.name](features, cfg, sparse=sparse)
+def model_entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; available: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def build_model(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
+    return model_entry(cfg.name).build(features, cfg, sparse=sparse)

@@ -20,6 +20,7 @@ import torch
 from recforge.bundle import Bundle
 from recforge.data.batches import SplitData
 from recforge.data.vocab import Vocab, load_vocabs
+from recforge.features import FeatureLayout, vocab_remap
 from recforge.storage import read_json
 
 
@@ -33,8 +34,7 @@ def vocab_map(source: Vocab, bundle: Bundle, field: str) -> np.ndarray:
             return np.arange(source.size, dtype=np.int64)  # the same hash function and buckets
         raise ValueError(f"field {field!r} is hashed in the new data ({source.hash_buckets} buckets) but the champion "
                          f"uses {target.hash_buckets}: their rows cannot be matched; keep vocab.hash_buckets fixed")
-    keys = source.decode(np.arange(source.size))
-    return np.asarray(target.lookup(keys), dtype=np.int64)
+    return vocab_remap(source.decode(np.arange(source.size)), target.lookup)
 
 
 def _numeric_stats(meta: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -59,9 +59,10 @@ def champion_numeric_stats(bundle: Bundle) -> tuple[dict[str, tuple[float, float
 def encode_for_bundle(data: SplitData, prepared_dir: Path, bundle: Bundle) -> tuple[SplitData, dict[str, Any]]:
     """`data` (encoded with the prepared dir's vocabularies) re-encoded for `bundle`; plus notes."""
     meta = read_json(Path(prepared_dir) / "meta.json")
-    fields = [f["name"] for f in meta["fields"]]
+    layout, champion = FeatureLayout.load(prepared_dir), bundle.layout
+    fields = list(layout.categorical)
     vocabs = load_vocabs(Path(prepared_dir) / "vocab")
-    wanted = list(bundle.features["categorical"])
+    wanted = list(champion.categorical)
     missing = [f for f in wanted if f not in fields]
     if missing:
         raise ValueError(f"the champion needs field(s) {missing} that the new data does not have")
@@ -70,8 +71,8 @@ def encode_for_bundle(data: SplitData, prepared_dir: Path, bundle: Bundle) -> tu
     categorical = np.stack([maps[f][source[:, fields.index(f)]] for f in wanted], axis=1)
 
     notes: dict[str, Any] = {}
-    numeric_names = [n["name"] for n in meta["numeric"]]
-    wanted_numeric = list(bundle.features.get("numeric", []))
+    numeric_names = list(layout.numeric)
+    wanted_numeric = list(champion.numeric)
     absent = [n for n in wanted_numeric if n not in numeric_names]
     if absent:
         raise ValueError(f"the champion needs numeric column(s) {absent} that the new data does not have")
@@ -88,12 +89,10 @@ def encode_for_bundle(data: SplitData, prepared_dir: Path, bundle: Bundle) -> tu
 
     values = data.history_values
     if values is not None:
-        item = meta["fields"][[f["role"] for f in meta["fields"]].index("item")]["name"]
-        values = torch.from_numpy(maps[item][values.numpy()])
+        values = torch.from_numpy(maps[layout.field_name("item")][values.numpy()])
     encoded = dataclasses.replace(data, categorical=torch.from_numpy(categorical),
                                   numeric=torch.from_numpy(numeric.astype(np.float32)), history_values=values)
-    roles = list(bundle.features.get("roles", []))
-    notes["item_field"] = wanted[roles.index("item")] if "item" in roles else None
+    notes["item_field"] = champion.field_name("item") if "item" in champion.roles else None
     return encoded, notes
 
 

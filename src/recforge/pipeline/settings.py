@@ -10,17 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from recforge import config as config_module
-from recforge.config import Config, ConfigError
+from recforge.config import Config, ConfigError, Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TrainingSettings(_Strict):
+class TrainingSettings(Strict):
     """The base training config (a recforge YAML; None = the built-in defaults) plus overrides."""
 
     config: str | None = None
@@ -29,7 +25,7 @@ class TrainingSettings(_Strict):
     warm_start: bool = False
 
 
-class GateSettings(_Strict):
+class GateSettings(Strict):
     """When a challenger may replace the champion.
 
     Guardrails may not get worse by more than their tolerance (absolute); the primary metric must
@@ -52,7 +48,7 @@ class GateSettings(_Strict):
     coverage_tolerance: float = Field(0.01, ge=0.0)
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     # Directory of event-log partitions (day files such as 2026-01-01.parquet), read recursively.
     events_dir: str
     # The pipeline's own files: watermark, per-cycle data/runs/bundles, step markers, run logs.
@@ -92,7 +88,11 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         training = cfg.training_config()
     except ConfigError as exc:
         raise ConfigError(f"{p} training: {exc}") from None
-    if training.model.name == "two_tower":
+    from recforge.models import MODELS, model_entry  # the model zoo (and torch) only once a file is loaded
+
+    if model_entry(training.model.name).kind != "ranking":
+        ranking = [name for name, entry in MODELS.items() if entry.kind == "ranking"]
         raise ConfigError(f"{p} training: the pipeline gates ranking models (per-user AUC/NDCG on labelled "
-                          "impressions); model.name=two_tower is not supported, choose dnn, dcnv2, deepfm or din")
+                          f"impressions); model.name={training.model.name} is not supported, choose "
+                          f"{', '.join(ranking[:-1])} or {ranking[-1]}")
     return cfg

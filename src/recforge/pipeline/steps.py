@@ -1,7 +1,7 @@
 """The cycle's steps: prepare -> train -> export -> evaluate -> gate -> publish -> canary, and promote.
 
 Each step is a plain function of a `Cycle` that returns its outputs (what the done-marker keeps).
-They compose the library through recforge.jobs, the same functions the CLI verbs call, so a step
+They compose the library through recforge.recipes, the same functions the CLI verbs call, so a step
 and the matching command cannot drift apart. Steps are idempotent on their own too: a bundle that
 already exists is verified and reused, and publish finds a version it published before by the
 cycle's fingerprint instead of publishing again.
@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from recforge import bundle as bundle_module
-from recforge import jobs
 from recforge import registry as reg
 from recforge.data.batches import SplitData
 from recforge.evaluate import predict_logits
@@ -28,6 +27,11 @@ from recforge.pipeline.cycle import Cycle, crash_point
 from recforge.pipeline.holdout import encode_for_bundle, item_known
 from recforge.pipeline.settings import PipelineConfig
 from recforge.pipeline.warm_start import warm_start_from_bundle
+from recforge.recipes.evaluate import evaluate_run
+from recforge.recipes.export import export_run
+from recforge.recipes.prepare import prepare_data
+from recforge.recipes.runs import feature_layout
+from recforge.recipes.train import train_model
 from recforge.storage import write_bytes, write_json
 
 SCORES = "holdout_scores.npz"
@@ -35,7 +39,7 @@ GATE = "gate.json"
 
 
 def prepare(cycle: Cycle) -> dict[str, Any]:
-    info, result = jobs.prepare_data(cycle.training())
+    info, result = prepare_data(cycle.training())
     split = info.meta["split"]
     return {"prepared": str(info.path), "rows": info.meta["rows"], "validation": result.report(),
             "splits": {name: split[name]["rows"] for name in ("train", "valid", "test")}}
@@ -60,7 +64,7 @@ def train(cycle: Cycle) -> dict[str, Any]:
                 warm.update({"warm_start": f"champion v{number}", **info})
                 return info
 
-    result = jobs.train_model(cfg, resume=resume, init_weights=init, log=cycle.log)
+    result = train_model(cfg, resume=resume, init_weights=init, log=cycle.log)
     if result.interrupted:
         raise RuntimeError(f"training of cycle {cycle.id} stopped early (train.stop_after_steps); run again to resume")
     return {"run_dir": str(result.run_dir), "resumed": resume, "best_epoch": result.state.best_epoch,
@@ -70,11 +74,11 @@ def train(cycle: Cycle) -> dict[str, Any]:
 def export(cycle: Cycle) -> dict[str, Any]:
     """Evaluate the run (its metrics travel in the bundle), then export; a parity failure is a result."""
     cfg = cycle.training()
-    metrics = jobs.evaluate_run(cfg, "test", log=cycle.log)
+    metrics = evaluate_run(cfg, "test", log=cycle.log)
     out = cycle.bundle_dir
     if not out.exists():
         try:
-            jobs.export_run(cfg.resolved_run_dir, out, parity_rows=cycle.cfg.parity_rows)
+            export_run(cfg.resolved_run_dir, out, parity_rows=cycle.cfg.parity_rows)
         except bundle_module.BundleError as exc:
             return {"bundle": None, "parity_ok": False, "parity": str(exc), "metrics": metrics}
     manifest = bundle_module.read_manifest(out)
@@ -93,10 +97,6 @@ def _champion(cfg: PipelineConfig) -> tuple[int | None, Path | None]:
     return int(info["number"]), Path(info["path"])
 
 
-def _item_column(features: dict[str, Any]) -> int:
-    return list(features.get("roles", [])).index("item")
-
-
 def evaluate(cycle: Cycle) -> dict[str, Any]:
     """Challenger (its bundle), champion (its bundle, re-encoded) and popularity on the same holdout."""
     exported = cycle.marker("export")
@@ -106,9 +106,9 @@ def evaluate(cycle: Cycle) -> dict[str, Any]:
     prepared = cfg.resolved_prepared_dir
     test = SplitData.load(prepared, "test")
     challenger = bundle_module.load_bundle(exported["bundle"])
-    item_col = _item_column(challenger.features)
+    item_col = challenger.layout.item_column
     train_split = SplitData.load(prepared, "train")
-    features = jobs.feature_spec(prepared)
+    features = feature_layout(prepared)
     popularity = fit_popularity(train_split.categorical.numpy(), train_split.label.numpy().astype(np.float64),
                                 item_col, features.cardinalities[item_col])
     arrays = {
@@ -124,7 +124,7 @@ def evaluate(cycle: Cycle) -> dict[str, Any]:
         champion = bundle_module.load_bundle(path)
         encoded, notes = encode_for_bundle(test, prepared, champion)
         arrays["champion"] = predict_logits(champion.module, encoded, cfg.train.eval_batch_size)
-        arrays["champion_item_known"] = item_known(encoded, _item_column(champion.features))
+        arrays["champion_item_known"] = item_known(encoded, champion.layout.item_column)
         cycle.log(f"champion: version {version} scored on the new holdout ({len(test):,} rows)")
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)

@@ -19,7 +19,7 @@ from torch import nn
 
 from recforge.bundle import Bundle
 from recforge.data.vocab import load_vocabs
-from recforge.models import FeatureSpec
+from recforge.features import FeatureLayout
 from recforge.nn.embeddings import FusedEmbedding
 from recforge.pipeline.holdout import vocab_map
 
@@ -30,7 +30,7 @@ def _fused_tables(model: nn.Module) -> dict[str, FusedEmbedding]:
             for name, module in model.named_modules() if isinstance(module, FusedEmbedding)}
 
 
-def warm_start_from_bundle(model: nn.Module, features: FeatureSpec, prepared_dir: Path,
+def warm_start_from_bundle(model: nn.Module, features: FeatureLayout, prepared_dir: Path,
                            champion: Bundle) -> dict[str, Any]:
     """Copy `champion`'s weights into the freshly built `model` in place; returns what was copied.
 
@@ -38,8 +38,8 @@ def warm_start_from_bundle(model: nn.Module, features: FeatureSpec, prepared_dir
     ranking models' one fused table); any other parameter is copied when its name and shape match.
     """
     source = {name: tensor.detach() for name, tensor in champion.module.state_dict().items()}
-    champion_cards = list(champion.features.get("cardinalities", []))
-    champion_fields = list(champion.features.get("categorical", []))
+    champion_cards = list(champion.layout.cardinalities)
+    champion_fields = list(champion.layout.categorical)
     fields = list(features.categorical)
     vocabs = load_vocabs(Path(prepared_dir) / "vocab")
     tables = _fused_tables(model)

@@ -2,7 +2,7 @@
 
 The server runs as its own `recforge serve` process and the pipeline as `recforge pipeline run`,
 exactly as an operator would start them; only the one-off model building (generate, prepare,
-train, export, publish) runs in this process, through the same recforge.jobs functions the CLI verbs
+train, export, publish) runs in this process, through the same recforge.recipes functions the CLI verbs
 call.
 """
 
@@ -47,30 +47,31 @@ def fresh_workdir(cfg: SimulateConfig) -> Path:
 
 
 def generate_world(cfg: SimulateConfig, log: Log) -> World:
-    from recforge import jobs
+    from recforge.recipes.generate import generate
 
     train_cfg = cfg.train_config()
-    summary = jobs.generate(train_cfg)
+    summary = generate(train_cfg)
     log(f"world: {train_cfg.data.generate.users:,} users, {train_cfg.data.generate.items:,} items; offline log "
         f"{summary['rows']:,} events over {summary['days']} days, CTR {summary['ctr']:.3f}")
     return World.load(cfg.root / "raw" / "world")
 
 
 def prepare(cfg: SimulateConfig, log: Log) -> None:
-    from recforge import jobs
+    from recforge.recipes.prepare import prepare_data
 
-    info, result = jobs.prepare_data(cfg.train_config())
+    info, result = prepare_data(cfg.train_config())
     log(f"prepared {result.rows_kept:,} rows into {info.path}")
 
 
 def train_bundle(cfg: SimulateConfig, name: str, overrides: list[str], log: Log) -> Path:
     """Train on the prepared offline log with `overrides`, export the run as a bundle; returns its directory."""
-    from recforge import jobs
+    from recforge.recipes.export import export_run
+    from recforge.recipes.train import train_model
 
     train_cfg = cfg.train_config([f"run_dir={cfg.root / 'runs' / name}", *overrides])
     started = time.perf_counter()
-    result = jobs.train_model(train_cfg, log=lambda _: None)
-    bundle = Path(jobs.export_run(result.run_dir, cfg.root / "bundles" / name))
+    result = train_model(train_cfg, log=lambda _: None)
+    bundle = Path(export_run(result.run_dir, cfg.root / "bundles" / name))
     log(f"trained {name} ({train_cfg.model.name}{', ' + ' '.join(overrides) if overrides else ''}) "
         f"in {time.perf_counter() - started:.1f}s")
     return bundle

@@ -11,15 +11,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from recforge import config as config_module
-from recforge.config import Config, ConfigError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+from recforge.config import Config, ConfigError, Strict
 
 # The world and models when no config names them (the same as configs/simulate/synthetic.yaml): small enough
 # for each scenario to finish in minutes on two cores. The offline log is small on purpose, so the first
@@ -33,7 +28,7 @@ DEFAULT_TRAINING: dict[str, Any] = {
 }
 
 
-class AbSettings(_Strict):
+class AbSettings(Strict):
     experiment: str = "sim_ab"
     # The weak arm is the same ranker trained with these overrides (by default: barely trained at all).
     weak_overrides: list[str] = Field(default_factory=lambda: ["train.lr=0.000001"])
@@ -43,7 +38,7 @@ class AbSettings(_Strict):
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
 
 
-class LoopSettings(_Strict):
+class LoopSettings(Strict):
     days: int = Field(5, ge=1)
     # Online day (0-based) whose challenger is trained with `weak_overrides`: the gate must refuse it.
     # None: no injected challenger (refusals then happen only naturally).
@@ -61,7 +56,7 @@ class LoopSettings(_Strict):
                                                           "calibration_tolerance": 0.5})
 
 
-class SimulateConfig(_Strict):
+class SimulateConfig(Strict):
     workdir: str = "runs/simulate"
     seed: int = 0
     training: dict[str, Any] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_TRAINING))

@@ -22,6 +22,7 @@ import torch
 
 from recforge import registry
 from recforge.bundle import Bundle, VocabTable, load_bundle
+from recforge.features import row_keys, vocab_remap
 from recforge.recommend import Requests, rank, retrieve
 from recforge.runtime import environment_drift
 from recforge.storage import read_json
@@ -100,11 +101,10 @@ def load_model(registry_root: str | Path, name: str, version: int) -> LoadedMode
     """Resolve, verify and load one version; everything per-item is computed here, not per request."""
     path = registry.resolve(registry_root, name, version)
     bundle = load_bundle(path)
-    features = bundle.features
-    categorical = list(features["categorical"])
-    roles = list(features.get("roles") or ["user", "item", *["context"] * (len(categorical) - 2)])
-    item_cols = [i for i, role in enumerate(roles) if role in ("item", "item_feature")]
-    item_field = categorical[roles.index("item")]
+    layout = bundle.layout
+    categorical, roles = list(layout.categorical), list(layout.field_roles)
+    item_cols = layout.item_columns
+    item_field = layout.field_name("item")
     catalog = getattr(bundle, "item_features", None)
     popularity = dict(getattr(bundle, "popularity", None) or {})
     env_file = path / "env.json"
@@ -115,7 +115,7 @@ def load_model(registry_root: str | Path, name: str, version: int) -> LoadedMode
         user_col=roles.index("user") if "user" in roles else None,
         context_cols={categorical[i]: i for i, role in enumerate(roles) if role == "context"},
         item_cols=item_cols, item_fields=[categorical[i] for i in item_cols],
-        num_numeric=len(features.get("numeric") or []), history_length=history_length,
+        num_numeric=len(layout.numeric), history_length=history_length,
         item_vocab=bundle.vocab[item_field], item_keys=_typed_keys(bundle.vocab[item_field]),
         catalog=None if catalog is None else np.asarray(catalog, dtype=np.int64), popularity=popularity, drift=drift)
 
@@ -139,8 +139,7 @@ def encode_items(target: LoadedModel, keys: Sequence[str | None], source: Loaded
             continue
         column = source.catalog[source_rows, source.item_fields.index(name)]
         table = source.bundle.vocab[name]
-        raw = [None if r == 0 or table.keys is None else table.keys[r - 1] for r in column]
-        out[:, j] = target.bundle.vocab[name].lookup(raw)
+        out[:, j] = vocab_remap(row_keys(table.keys, table.size), target.bundle.vocab[name].lookup)[column]
     return out
 
 

@@ -1,10 +1,12 @@
-"""The training loop: one function, everything visible.
+"""The training loop: train() holds the step loop, everything a step does visible in it.
 
 Adam (or sparse embedding gradients + SparseAdam), epochs of index-sliced batches, AMP
 (bf16 autocast on CPU/CUDA, fp16 + GradScaler on CUDA), early stopping on a validation metric,
 atomic checkpoints every N steps and at each epoch end (mirrored to storage when train.mirror_to is
 set), exact resume, metrics as JSONL.
 Validation is passed in as a function so the loop does not depend on how a model is evaluated.
+Setup, resume, and the end of an epoch (validation, early stopping, best weights, checkpoint) are
+named helpers below train() that share one `_Run` value, so the loop itself reads in one screen.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from recforge.config import TrainConfig
-from recforge.data.batches import SplitData, iterate_batches, steps_per_epoch
+from recforge.data.batches import Batch, SplitData, iterate_batches, steps_per_epoch
 from recforge.runtime import DistContext, choose_device, tune_allocator
 from recforge.train.checkpoint import RunState, load_checkpoint, mirror_run, save_checkpoint, save_weights
 from recforge.train.objectives import Pointwise
@@ -93,8 +95,10 @@ def optimizer_step(
 ) -> None:
     """Backward and update; with a GradScaler (fp16), count skipped steps into `skipped`.
 
-    GradScaler skips the update when gradients hold inf/nan and then lowers the scale; comparing
-    the scale tensors keeps the count on the device, free of a host sync per step.
+    GradScaler skips the update when gradients hold inf/nan and then lowers the scale, so a step
+    was skipped exactly when the scale went down. The scale is read with the public get_scale():
+    it syncs with the device, but GradScaler.step() has already synced on its inf check, so this
+    adds no stall; `skipped` itself stays a device tensor, read only at logging points.
     """
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -106,9 +110,10 @@ def optimizer_step(
     scaler.scale(loss).backward()
     for opt in optimizers:
         scaler.step(opt)
-    scale_before = scaler._scale.clone()
+    scale_before = scaler.get_scale()
     scaler.update()
-    skipped += (scaler._scale < scale_before).float()
+    if scaler.get_scale() < scale_before:
+        skipped += 1
 
 
 def _improved(metric: str, value: float, best: float | None) -> bool:
@@ -169,195 +174,340 @@ def _any_rank(flag: bool, dist_ctx: DistContext, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """How one run is carried out, as opposed to what it learns (TrainConfig).
+
+    These are decided per invocation by the caller (jobs.py, a test), not by the config file: where the
+    run writes, its seed, whether it continues a checkpoint, its place in a DDP job, its loss and where
+    its log lines go. One value keeps train()'s signature short and lets callers build it once.
+    """
+
+    run_dir: Path
+    seed: int
+    resume: bool = False
+    # Part of the run's identity for the resume check (model config, features, data rows...): a
+    # checkpoint written under other values is refused rather than silently continued.
+    digest_extra: Mapping[str, Any] = field(default_factory=dict)
+    # From runtime.init_distributed; the default is a single process.
+    dist_ctx: DistContext = field(default_factory=DistContext)
+    # Wraps the model and returns a batch's loss (train/objectives.py); None: pointwise BCE on the label.
+    objective: torch.nn.Module | None = None
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir))  # a str from a caller works too
+
+
 def train(
     model: torch.nn.Module,
     train_data: SplitData,
     validate: Validator | None,
     cfg: TrainConfig,
-    run_dir: str | Path,
-    *,
-    seed: int,
-    digest_extra: dict[str, Any] | None = None,
-    resume: bool = False,
-    dist_ctx: DistContext | None = None,
-    objective: torch.nn.Module | None = None,
-    log: Callable[[str], None] = print,
+    options: TrainOptions,
 ) -> TrainResult:
-    """Train `model` in place; with `dist_ctx` from runtime.init_distributed, as one rank of DDP.
+    """Train `model` in place; with `options.dist_ctx` from runtime.init_distributed, as one rank of DDP.
 
     Under DDP each rank trains on its own shard of every epoch's permutation with the per-rank
     `cfg.batch_size`; rank 0 alone validates, logs and writes checkpoints, and broadcasts the
-    early-stopping decision so all ranks stop together.
-
-    `objective` wraps `model` and returns the loss of a batch (train/objectives.py); the default
-    is pointwise BCE on the click label.
+    early-stopping decision so all ranks stop together. The step loop is kept here, in one piece, so
+    the order of what happens each step (and so what a checkpoint captures) reads top to bottom.
     """
-    dist_ctx = dist_ctx or DistContext()
-    main = dist_ctx.is_main
-    if not main:
-        log = _silent
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    digest = config_digest(cfg, digest_extra or {})
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.tune_allocator:
-        tune_allocator()
-
-    choice = choose_device(cfg.device, dist_ctx.local_rank)
-    device = choice.device
-    log(f"device: {device} ({choice.reason})" + (
-        f"; {dist_ctx.world_size} processes ({dist_ctx.backend})" if dist_ctx.distributed else ""))
-    objective = (objective if objective is not None else Pointwise(model)).to(device)
-    optimizers = make_optimizers(model, cfg)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    autocast_context(cfg.amp, device)  # fail early on an impossible AMP setting
-
-    state = RunState(world_size=dist_ctx.world_size)
-    if resume:
-        state = load_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, digest)
-        log(f"resumed from {ckpt_dir / 'last.pt'}: epoch {state.epoch}, {state.samples_in_epoch:,} rows into it, "
-            f"global step {state.global_step} (written with {state.world_size} process(es), now {dist_ctx.world_size})")
-        if state.finished and state.epoch >= cfg.epochs:
-            log("that run had already finished; nothing to do")
-            return TrainResult(run_dir, state, str(device), choice.reason, False, 0.0)
-        state.finished = False
-        state.world_size = dist_ctx.world_size
-    if dist_ctx.distributed:
-        # Per-rank seeds for dropout; the data order stays the shared (seed, epoch) permutation.
-        torch.manual_seed(seed + 7919 * dist_ctx.rank + state.global_step)
-    step_model = _wrap_ddp(objective, dist_ctx, device)
-    if cfg.compile:
-        step_model = torch.compile(step_model)
-
+    run = _start_run(model, cfg, options)
+    if options.resume and not _resume(run):
+        return TrainResult(options.run_dir, run.state, str(run.device), run.device_reason, False, 0.0)
+    state, device, dist_ctx = run.state, run.device, options.dist_ctx
+    step_model = _step_model(run)
     global_batch = cfg.batch_size * dist_ctx.world_size
-    metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main else None
     pin = device.type == "cuda"
+    check_every = cfg.log_every if dist_ctx.distributed else 1  # how often ranks agree on a stop signal
     interrupted = False
     trained_samples, train_seconds = 0, 0.0
-    check_every = cfg.log_every if dist_ctx.distributed else 1
 
-    def checkpoint() -> None:
-        if not main:
-            return
-        save_checkpoint(ckpt_dir / "last.pt", model, optimizers, scaler, state, digest)
-        if cfg.mirror_to:
-            # A failed upload (retries spent) costs the remote copy of this checkpoint, not the run:
-            # the next checkpoint tries again, and the local one is intact.
-            try:
-                mirror_run(run_dir, cfg.mirror_to, state)
-            except OSError as exc:
-                log(f"warning: mirroring checkpoint to {cfg.mirror_to} failed, training goes on: {exc}")
-
-    def write_metrics(record: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    progress = Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not (cfg.progress and main),
-    )
-    with progress, _StopRequest() as stop, contextlib.ExitStack() as files:
-        if metrics_file is not None:
-            files.enter_context(metrics_file)
+    progress = _progress_bar(enabled=cfg.progress and dist_ctx.is_main)
+    run.metrics = _MetricsLog(options.run_dir, dist_ctx.is_main)
+    with progress, _StopRequest() as stop, run.metrics:
         while state.epoch < cfg.epochs and not interrupted:
             epoch = state.epoch
-            total_steps = steps_per_epoch(len(train_data) - state.samples_in_epoch, cfg.batch_size,
-                                          dist_ctx.world_size)
+            total_steps, batches = _remaining_batches(run, train_data)
             task = progress.add_task("train", total=total_steps, epoch=epoch, loss="-")
             step_model.train()
-            # Running sums stay on the device: no host sync per step, only at logging points.
-            loss_sum = torch.zeros((), device=device)
-            loss_count = 0
-            skipped = torch.zeros((), device=device)  # steps GradScaler skipped, counted on the device
-            epoch_start = time.perf_counter()
-            epoch_samples = 0
-            batches = iterate_batches(train_data, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                      start_sample=state.samples_in_epoch, rank=dist_ctx.rank,
-                                      world_size=dist_ctx.world_size, pin_memory=pin)
+            tally = _EpochTally.on(device)
             for batch in batches:
                 batch = batch.to(device, non_blocking=pin)
                 with autocast_context(cfg.amp, device):
                     loss = step_model(batch.categorical, batch.numeric, batch.label, batch.history_values,
                                       batch.history_offsets)
-                optimizer_step(loss, optimizers, scaler, skipped)
-                loss_sum += loss.detach()
-                loss_count += 1
-                epoch_samples += len(batch)
+                # backward() (under DDP it all-reduces the gradients; no accumulation, so no no_sync()), then
+                # the update, through the GradScaler's scale/step/update under fp16.
+                optimizer_step(loss, run.optimizers, run.scaler, tally.skipped)
+                tally.add(loss, len(batch))
                 state.samples_in_epoch = min(len(train_data), state.samples_in_epoch + global_batch)
                 state.global_step += 1
 
                 if state.global_step % cfg.log_every == 0:
-                    mean_loss = _all_reduce_mean(loss_sum / loss_count, dist_ctx).item()
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(
-                            f"training loss became {mean_loss} at step {state.global_step}; "
-                            "lower train.lr or turn off train.amp"
-                        )
-                    write_metrics({"step": state.global_step, "epoch": epoch, "train_loss": mean_loss,
-                                   "skipped_steps": int(skipped.item()), "time": time.time()})
+                    mean_loss = _finite_mean_loss(tally, run)  # a collective: every rank computes it
+                    run.metrics.write({"step": state.global_step, "epoch": epoch, "train_loss": mean_loss,
+                                       "skipped_steps": int(tally.skipped.item()), "time": time.time()})
                     progress.update(task, loss=f"{mean_loss:.4f}")
                 progress.update(task, advance=1)
                 if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-                    checkpoint()
+                    _checkpoint(run)
                 # Under DDP a signal may reach the ranks at different steps: they agree at check points.
                 signalled = state.global_step % check_every == 0 and _any_rank(stop.requested, dist_ctx, device)
                 capped = bool(cfg.stop_after_steps) and state.global_step >= (cfg.stop_after_steps or 0)
                 if signalled or capped:
                     interrupted = True
                     break
-            elapsed = time.perf_counter() - epoch_start
-            trained_samples += epoch_samples
+            elapsed = time.perf_counter() - tally.start
+            trained_samples += tally.samples
             train_seconds += elapsed
             progress.remove_task(task)
             if interrupted:
-                checkpoint()
-                why = "signal received" if stop.requested else f"train.stop_after_steps={cfg.stop_after_steps}"
-                log(f"stopped in epoch {epoch} after {state.samples_in_epoch:,} rows ({why}); "
-                    f"checkpoint {ckpt_dir / 'last.pt'}; continue with --resume")
+                _checkpoint(run)
+                run.log(_stopped_line(run, stop.requested))
                 break
+            _end_epoch(run, validate, tally, elapsed)
 
-            record: dict[str, Any] = {
-                "epoch": epoch, "step": state.global_step,
-                "train_loss": _all_reduce_mean(loss_sum / max(loss_count, 1), dist_ctx).item(),
-                "skipped_steps": int(skipped.item()),
-                "samples_per_s": epoch_samples * dist_ctx.world_size / elapsed if elapsed > 0 else None,
-            }
-            if validate is not None:
-                value = float("nan")
-                if main:
-                    model.eval()
-                    valid_metrics = validate(model)
-                    record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
-                    value = valid_metrics[cfg.early_stopping_metric]
-                (value,) = _broadcast_floats([value], dist_ctx, device)
-                if _improved(cfg.early_stopping_metric, value, state.best_metric):
-                    state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0
-                    if main:
-                        save_weights(run_dir / "model.pt", model)
-                else:
-                    state.bad_epochs += 1
-            else:
-                state.best_epoch = epoch
-                if main:
-                    save_weights(run_dir / "model.pt", model)
-            state.history.append(record)
-            write_metrics(record)
-            log(_epoch_line(record))
-            state.epoch += 1
-            state.samples_in_epoch = 0
-            if state.bad_epochs >= cfg.patience:
-                log(f"early stopping: valid {cfg.early_stopping_metric} has not improved for "
-                    f"{state.bad_epochs} epoch(s); best epoch {state.best_epoch}")
-                state.epoch = cfg.epochs
-            if state.epoch >= cfg.epochs:
-                state.finished = True
-            checkpoint()
+    samples_per_s = trained_samples * dist_ctx.world_size / train_seconds if train_seconds > 0 else 0.0
+    return TrainResult(options.run_dir, state, str(device), run.device_reason, interrupted, samples_per_s)
 
-    return TrainResult(run_dir, state, str(device), choice.reason, interrupted,
-                       trained_samples * dist_ctx.world_size / train_seconds if train_seconds > 0 else 0.0)
+
+class _MetricsLog:
+    """metrics.jsonl, appended to by rank 0 only; flushed per record so a crash keeps what was logged."""
+
+    def __init__(self, run_dir: Path, main: bool) -> None:
+        self._file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if main else None
+
+    def __enter__(self) -> _MetricsLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+
+@dataclass
+class _Run:
+    """What the loop's helpers share: the run's fixed parts (built once by _start_run) and its RunState.
+
+    Passing this one value, rather than closures over train()'s locals, lets each helper be read and
+    tested on its own.
+    """
+
+    cfg: TrainConfig
+    options: TrainOptions
+    model: torch.nn.Module
+    objective: torch.nn.Module
+    device: torch.device
+    device_reason: str
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler | None
+    digest: str
+    state: RunState
+    log: Callable[[str], None]
+    # Writes nothing until train() opens the run's metrics.jsonl (after a resume found work to do).
+    metrics: _MetricsLog = field(default_factory=lambda: _MetricsLog(Path(), main=False))
+
+    @property
+    def main(self) -> bool:
+        return self.options.dist_ctx.is_main
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.options.run_dir / "checkpoints" / "last.pt"
+
+
+def _start_run(model: torch.nn.Module, cfg: TrainConfig, options: TrainOptions) -> _Run:
+    """Device, loss, optimizers and AMP scaler for a fresh run; settings that cannot work fail here,
+    before any step is taken."""
+    dist_ctx = options.dist_ctx
+    log = options.log if dist_ctx.is_main else _silent
+    (options.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    digest = config_digest(cfg, dict(options.digest_extra))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.tune_allocator:
+        tune_allocator()
+    choice = choose_device(cfg.device, dist_ctx.local_rank)
+    device = choice.device
+    log(f"device: {device} ({choice.reason})" + (
+        f"; {dist_ctx.world_size} processes ({dist_ctx.backend})" if dist_ctx.distributed else ""))
+    objective = (options.objective if options.objective is not None else Pointwise(model)).to(device)
+    optimizers = make_optimizers(model, cfg)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    autocast_context(cfg.amp, device)  # fail early on an impossible AMP setting
+    return _Run(cfg, options, model, objective, device, choice.reason, optimizers, scaler, digest,
+                RunState(world_size=dist_ctx.world_size), log)
+
+
+def _resume(run: _Run) -> bool:
+    """Restore model, optimizers, scaler, RNG and position from last.pt; False when that run had finished.
+
+    The position is kept in rows of the epoch's global order (RunState.samples_in_epoch), so the run may
+    continue with another number of processes; `world_size` is updated to the one continuing it.
+    """
+    state = load_checkpoint(run.checkpoint_path, run.model, run.optimizers, run.scaler, run.digest)
+    run.state = state
+    run.log(f"resumed from {run.checkpoint_path}: epoch {state.epoch}, {state.samples_in_epoch:,} rows into it, "
+            f"global step {state.global_step} (written with {state.world_size} process(es), "
+            f"now {run.options.dist_ctx.world_size})")
+    if state.finished and state.epoch >= run.cfg.epochs:
+        run.log("that run had already finished; nothing to do")
+        return False
+    state.finished = False
+    state.world_size = run.options.dist_ctx.world_size
+    return True
+
+
+def _step_model(run: _Run) -> torch.nn.Module:
+    """The module each step calls: the objective, wrapped for DDP and compiled when asked.
+
+    Per-rank seeds (for dropout) are drawn from the step reached, after a resume restored the RNG state;
+    the data order stays the shared (seed, epoch) permutation.
+    """
+    dist_ctx = run.options.dist_ctx
+    if dist_ctx.distributed:
+        torch.manual_seed(run.options.seed + 7919 * dist_ctx.rank + run.state.global_step)
+    step_model = _wrap_ddp(run.objective, dist_ctx, run.device)
+    if run.cfg.compile:
+        step_model = torch.compile(step_model)
+    return step_model
+
+
+def _remaining_batches(run: _Run, train_data: SplitData) -> tuple[int, Iterator[Batch]]:
+    """The current epoch's steps still to take, and their batches for this rank.
+
+    A resumed run starts at the row it had reached, so it neither repeats nor skips a batch of the
+    epoch's order; the step count feeds the progress bar.
+    """
+    cfg, state, dist_ctx = run.cfg, run.state, run.options.dist_ctx
+    total_steps = steps_per_epoch(len(train_data) - state.samples_in_epoch, cfg.batch_size, dist_ctx.world_size)
+    batches = iterate_batches(train_data, cfg.batch_size, shuffle=True, seed=run.options.seed, epoch=state.epoch,
+                              start_sample=state.samples_in_epoch, rank=dist_ctx.rank,
+                              world_size=dist_ctx.world_size, pin_memory=run.device.type == "cuda")
+    return total_steps, batches
+
+
+@dataclass
+class _EpochTally:
+    """One epoch's running sums. Loss and skipped steps stay on the device, so a step costs no host
+    sync; they are read only at logging points and at the epoch's end."""
+
+    loss_sum: torch.Tensor
+    skipped: torch.Tensor  # steps GradScaler skipped (inf/nan gradients)
+    steps: int = 0
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def on(cls, device: torch.device) -> _EpochTally:
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+    def add(self, loss: torch.Tensor, rows: int) -> None:
+        self.loss_sum += loss.detach()
+        self.steps += 1
+        self.samples += rows
+
+    def mean_loss(self, dist_ctx: DistContext) -> float:
+        """The mean over the epoch so far and over all ranks (a collective: every rank must call it)."""
+        return _all_reduce_mean(self.loss_sum / max(self.steps, 1), dist_ctx).item()
+
+
+def _finite_mean_loss(tally: _EpochTally, run: _Run) -> float:
+    """The mean loss at a logging point; a non-finite one ends the run naming the step, instead of
+    training on until validation shows garbage."""
+    mean_loss = tally.mean_loss(run.options.dist_ctx)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"training loss became {mean_loss} at step {run.state.global_step}; lower train.lr or turn off train.amp"
+        )
+    return mean_loss
+
+
+def _checkpoint(run: _Run) -> None:
+    """Rank 0 writes last.pt (atomically) and mirrors the run when train.mirror_to is set."""
+    if not run.main:
+        return
+    save_checkpoint(run.checkpoint_path, run.model, run.optimizers, run.scaler, run.state, run.digest)
+    if not run.cfg.mirror_to:
+        return
+    # A failed upload (retries spent) costs the remote copy of this checkpoint, not the run:
+    # the next checkpoint tries again, and the local one is intact.
+    try:
+        mirror_run(run.options.run_dir, run.cfg.mirror_to, run.state)
+    except OSError as exc:
+        run.log(f"warning: mirroring checkpoint to {run.cfg.mirror_to} failed, training goes on: {exc}")
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+def _stopped_line(run: _Run, signalled: bool) -> str:
+    why = "signal received" if signalled else f"train.stop_after_steps={run.cfg.stop_after_steps}"
+    return (f"stopped in epoch {run.state.epoch} after {run.state.samples_in_epoch:,} rows ({why}); "
+            f"checkpoint {run.checkpoint_path}; continue with --resume")
+
+
+def _end_epoch(run: _Run, validate: Validator | None, tally: _EpochTally, elapsed: float) -> None:
+    """Close a completed epoch: record it, validate and keep the best weights, decide on early stopping,
+    and checkpoint, so that a resume starts cleanly at the next epoch."""
+    state, cfg, dist_ctx = run.state, run.cfg, run.options.dist_ctx
+    record: dict[str, Any] = {
+        "epoch": state.epoch, "step": state.global_step,
+        "train_loss": tally.mean_loss(dist_ctx),
+        "skipped_steps": int(tally.skipped.item()),
+        "samples_per_s": tally.samples * dist_ctx.world_size / elapsed if elapsed > 0 else None,
+    }
+    _validate_and_keep_best(run, validate, record)
+    state.history.append(record)
+    run.metrics.write(record)
+    run.log(_epoch_line(record))
+    state.epoch += 1
+    state.samples_in_epoch = 0
+    if state.bad_epochs >= cfg.patience:
+        run.log(f"early stopping: valid {cfg.early_stopping_metric} has not improved for "
+                f"{state.bad_epochs} epoch(s); best epoch {state.best_epoch}")
+        state.epoch = cfg.epochs
+    if state.epoch >= cfg.epochs:
+        state.finished = True
+    _checkpoint(run)
+
+
+def _validate_and_keep_best(run: _Run, validate: Validator | None, record: dict[str, Any]) -> None:
+    """Validate on rank 0 (its metrics go into `record`), update the early-stopping state and write
+    model.pt when this epoch is the best so far; without a validator the latest epoch is the best.
+
+    Rank 0's value is broadcast so that every rank takes the same early-stopping decision.
+    """
+    state, cfg, epoch = run.state, run.cfg, run.state.epoch
+    if validate is None:
+        state.best_epoch = epoch
+        if run.main:
+            save_weights(run.options.run_dir / "model.pt", run.model)
+        return
+    value = float("nan")
+    if run.main:
+        run.model.eval()
+        valid_metrics = validate(run.model)
+        record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
+        value = valid_metrics[cfg.early_stopping_metric]
+    (value,) = _broadcast_floats([value], run.options.dist_ctx, run.device)
+    if _improved(cfg.early_stopping_metric, value, state.best_metric):
+        state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0
+        if run.main:
+            save_weights(run.options.run_dir / "model.pt", run.model)
+    else:
+        state.bad_epochs += 1
 
 
 def _silent(message: str) -> None:

@@ -1,7 +1,8 @@
-"""Retrieval as commands: full-catalog evaluation of a two-tower run, and two-stage recommendations.
+"""Retrieval as commands: full-catalog evaluation of a two-tower run, two-stage recommendations,
+and the item index a retrieval run ships.
 
-Composition only (like jobs.py): it loads runs, vocabularies and the prepared data, and hands
-plain tensors to recforge.recommend, the same functions the server calls.
+Composition only: it loads runs, vocabularies and the prepared data, and hands plain tensors to
+recforge.recommend, the same functions the server calls.
 """
 
 from __future__ import annotations
@@ -19,11 +20,28 @@ from recforge.config import Config
 from recforge.data.batches import SplitData
 from recforge.data.vocab import load_vocabs
 from recforge.evaluate import full_catalog_metrics, retrieval_task
+from recforge.features import FeatureLayout
 from recforge.index import ItemIndex
-from recforge.jobs import build_item_index, feature_spec, item_catalog, load_run_config, load_trained_model
-from recforge.models.two_tower import TwoTower
+from recforge.models import model_entry
+from recforge.recipes.runs import feature_layout, item_catalog, load_run_config, load_trained_model
 from recforge.recommend import Requests, recommend
 from recforge.storage import read_json, write_json
+
+
+def build_item_index(
+    model: torch.nn.Module, prepared: Path, features: FeatureLayout, out_dir: Path, kind: str = "auto"
+) -> ItemIndex:
+    """Item-tower vectors of every known item (index 0, the unknown item, left out) in a FAISS index."""
+    with torch.no_grad():
+        vectors = model.item_vector(item_catalog(prepared, features)).numpy()
+    index = ItemIndex.build(vectors[1:], kind=kind, metric="ip")
+    index.save(out_dir)
+    return index
+
+
+def is_retrieval(run_cfg: Config) -> bool:
+    """Whether a run's model is a retrieval model, by its MODELS entry."""
+    return model_entry(run_cfg.model.name).kind == "retrieval"
 
 
 def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (10, 20)) -> dict[str, dict[str, float]]:
@@ -37,10 +55,10 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     run_cfg = load_run_config(run_dir)
     prepared = run_cfg.resolved_prepared_dir
     model = load_trained_model(run_dir)
-    if not isinstance(model, TwoTower):
+    if not is_retrieval(run_cfg):
         raise ValueError(f"{run_dir} holds a {run_cfg.model.name} model; retrieval evaluation needs two_tower")
-    features = feature_spec(prepared)
-    item_col = features.columns("item")[0]
+    features = feature_layout(prepared)
+    item_col = features.item_column
     num_items = features.cardinalities[item_col]
     train = SplitData.load(prepared, "train")
     data = SplitData.load(prepared, split)
@@ -128,17 +146,17 @@ def recommend_users(
         raise ValueError(f"the retrieval run ({retrieval_run}) and the ranking run ({ranking_run}) were trained "
                          "on different prepared datasets; their item ids do not match")
     tower = load_trained_model(retrieval_run)
-    if not isinstance(tower, TwoTower):
+    if not is_retrieval(retrieval_cfg):
         raise ValueError(f"{retrieval_run} holds a {retrieval_cfg.model.name} model, not two_tower")
     ranker = load_trained_model(ranking_run)
-    features = feature_spec(prepared)
+    features = feature_layout(prepared)
     index_dir = retrieval_run / "index"
     index = ItemIndex.load(index_dir) if (index_dir / "index.json").is_file() else build_item_index(
         tower, prepared, features, index_dir)
     vocabs = load_vocabs(prepared / "vocab")
     meta = read_json(prepared / "meta.json")
     schema = retrieval_cfg.data.schema_
-    user_col, item_col = features.columns("user")[0], features.columns("item")[0]
+    user_col, item_col = features.column("user"), features.item_column
     context = dict(context or {})
     unknown = sorted(set(context) - set(schema.context))
     if unknown:
@@ -173,7 +191,7 @@ def recommend_users(
     def user_encoder(cat, num, hv, ho):  # noqa: ANN001, ANN202
         return tower.user_vector(cat, num, hv, ho)
 
-    item_columns = features.columns("item", "item_feature")
+    item_columns = features.item_columns
     catalog = item_catalog(prepared, features)
     result = recommend(requests, user_encoder, index, ranker, item_columns, catalog[1:], k=k,
                        num_candidates=min(num_candidates, index.count), exclude=exclude)

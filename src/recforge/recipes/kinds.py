@@ -1,0 +1,119 @@
+"""What a model's kind (its MODELS entry) decides in the recipes, declared once.
+
+A ranking model learns pointwise click probabilities and is validated by AUC on the valid split; a
+retrieval model learns in-batch from positive rows, is validated over the full catalog, and ships
+an item index. The models layer only names a model's kind (it stands left of train and evaluate);
+this table maps a kind to its objective, its validation and its index, so no recipe branches on a
+model's class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from recforge.config import Config
+from recforge.data.batches import SplitData
+from recforge.evaluate import RetrievalTask, evaluate, full_catalog_metrics, retrieval_task
+from recforge.features import FeatureLayout
+from recforge.models import ModelKind, model_entry
+from recforge.recipes.runs import item_catalog
+from recforge.train.objectives import InBatchRetrieval, Pointwise
+
+Validator = Callable[[nn.Module], dict[str, float]]
+# (model, train split, features, config) -> (the rows it trains on, the objective wrapping it)
+Objective = Callable[[nn.Module, SplitData, FeatureLayout, Config], tuple[SplitData, nn.Module]]
+
+
+@dataclass(frozen=True)
+class KindRecipe:
+    """How the recipes train, validate and export a model of one kind."""
+
+    objective: Objective
+    validator: Callable[[Path, FeatureLayout, Config], Validator]
+    validation_metrics: tuple[str, ...]  # what `validator` reports (train.early_stopping_metric picks one)
+    item_index: bool  # trained runs build an item index, and their bundles carry it
+
+
+def pointwise(model: nn.Module, train_data: SplitData, features: FeatureLayout,
+              cfg: Config) -> tuple[SplitData, nn.Module]:
+    """A ranker trains on every row: BCE of its logit against the click label."""
+    return train_data, Pointwise(model)
+
+
+def in_batch_retrieval(model: nn.Module, train_data: SplitData, features: FeatureLayout,
+                       cfg: Config) -> tuple[SplitData, nn.Module]:
+    """Two-tower training sees the positive (user, item) rows; logQ comes from their item frequencies."""
+    positives = train_data.select(torch.nonzero(train_data.label > 0).squeeze(1))
+    if len(positives) == 0:
+        raise ValueError("the training split has no positive rows to train a retrieval model on")
+    item_field = features.item_column
+    counts = torch.bincount(positives.categorical[:, item_field], minlength=features.cardinalities[item_field])
+    log_q = torch.log((counts.double() + 1.0) / (counts.sum() + len(counts)))
+    return positives, InBatchRetrieval(model, log_q, item_field, cfg.model.retrieval_loss)
+
+
+def ranking_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:
+    """Validation on the prepared valid split, loaded on first use: under DDP only rank 0 calls it."""
+    loaded: list[SplitData] = []
+    batch_size = cfg.train.eval_batch_size
+
+    def run(model: nn.Module) -> dict[str, float]:
+        if not loaded:
+            loaded.append(SplitData.load(prepared, "valid"))
+        metrics = evaluate(model, loaded[0], batch_size)
+        return {k: metrics[k] for k in ("auc", "gauc", "logloss")}
+
+    return run
+
+
+def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:
+    """Full-catalog Recall/NDCG@20 on the valid split (a two-tower model's own goal), loaded on first use."""
+    item_col = features.item_column
+    kind = model_entry(cfg.model.name).kind
+    loaded: list[tuple[RetrievalTask, torch.Tensor]] = []
+
+    def run(model: nn.Module) -> dict[str, float]:
+        if kind != "retrieval":
+            raise ValueError("train.early_stopping_metric=recall@20 needs a retrieval model (two_tower)")
+        if not loaded:
+            valid = SplitData.load(prepared, "valid")
+            times = np.load(prepared / "valid" / "timestamp.npy")
+            loaded.append((retrieval_task(SplitData.load(prepared, "train"), valid, times, item_col),
+                           item_catalog(prepared, features)))
+        task, catalog = loaded[0]
+        device = next(model.parameters()).device
+        batch = task.queries.batch(torch.arange(len(task.queries))).to(device)
+        with torch.no_grad():
+            users = model.user_vector(batch.categorical, batch.numeric, batch.history_values,
+                                      batch.history_offsets).float().cpu().numpy()
+            items = model.item_vector(catalog.to(device)).float().cpu().numpy()
+        metrics = full_catalog_metrics(lambda a, b: users[a:b] @ items.T, len(task.users), task.truth,
+                                       task.exclude, len(items), ks=(20,))
+        return {"recall@20": metrics["recall@20"], "ndcg@20": metrics["ndcg@20"]}
+
+    return run
+
+
+KIND_RECIPES: dict[ModelKind, KindRecipe] = {
+    "ranking": KindRecipe(pointwise, ranking_validator, ("auc", "gauc", "logloss"), item_index=False),
+    "retrieval": KindRecipe(in_batch_retrieval, retrieval_validator, ("recall@20", "ndcg@20"), item_index=True),
+}
+
+
+def kind_recipe(model_name: str) -> KindRecipe:
+    """The recipe of the configured model's kind (an unknown model name is a clear ValueError)."""
+    return KIND_RECIPES[model_entry(model_name).kind]
+
+
+def validator_for(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:
+    """The validation that reports train.early_stopping_metric: a ranking metric on any model, or the
+    full-catalog retrieval metric (which only a retrieval model can report)."""
+    metric = cfg.train.early_stopping_metric
+    recipe = next((r for r in KIND_RECIPES.values() if metric in r.validation_metrics), KIND_RECIPES["ranking"])
+    return recipe.validator(prepared, features, cfg)
