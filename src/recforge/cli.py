@@ -706,6 +706,10 @@ def serve_cmd(
     canary_share: Annotated[float | None, typer.Option(help="Share of users routed to a canary.")] = None,
     workers: Annotated[int | None, typer.Option(help="Server processes sharing the port (each loads the models; "
                                                      "they share the events store).")] = None,
+    docs: Annotated[str | None, typer.Option(help="Who may read /openapi.json, /docs and /redoc: off, admin "
+                                                  "(the admin token; the default) or public.")] = None,
+    metrics: Annotated[str | None, typer.Option(help="Who may read /metrics: off, admin (the admin token; the "
+                                                     "default) or public.")] = None,
     setting: Annotated[list[str] | None, typer.Option("--set", help="Any other setting as NAME=VALUE, e.g. "
                                                       "max_k=50 (see recforge.serve.settings).")] = None,
 ) -> None:
@@ -720,7 +724,8 @@ def serve_cmd(
         extra[name] = value
     overrides = {"registry": registry, "host": host, "port": port, "retrieval_model": retrieval_model,
                  "ranker_model": ranker_model, "experiments": experiments, "events_dir": events_dir,
-                 "poll_interval_s": poll_interval_s, "canary_share": canary_share, "workers": workers, **extra}
+                 "poll_interval_s": poll_interval_s, "canary_share": canary_share, "workers": workers, "docs": docs,
+                 "metrics": metrics, **extra}
     settings = _run(ServeSettings.load, overrides)
     from recforge.serve.app import run as run_server
 

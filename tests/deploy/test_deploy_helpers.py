@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from recforge import registry
-from recforge.runtime import free_port
+from recforge.runtime import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
@@ -94,7 +94,9 @@ def test_seeded_registry_is_served_by_the_images_command_and_passes_its_healthch
     log = tmp_path / "server.log"
     with log.open("w") as sink:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=sink,
-                                  env={**env, "RECFORGE_SERVE_EVENTS_DIR": str(tmp_path / "logs")})
+                                  env={**env, "RECFORGE_SERVE_EVENTS_DIR": str(tmp_path / "logs"),
+                                       "RECFORGE_ADMIN_TOKEN": "deploy-token"},
+                                  preexec_fn=die_with_parent)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -104,7 +106,9 @@ def test_seeded_registry_is_served_by_the_images_command_and_passes_its_healthch
             assert server.poll() is None, f"the server exited {server.returncode}: {log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"healthcheck never passed: {check.stderr}"
             time.sleep(0.5)
-        while (ready := httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)).status_code != 200:
+        # The versions in /readyz are for the admin token's bearers; the healthcheck needs only the status.
+        admin = {"Authorization": "Bearer deploy-token"}
+        while (ready := httpx.get(f"http://127.0.0.1:{port}/readyz", headers=admin, timeout=5)).status_code != 200:
             assert time.monotonic() < deadline, f"never ready: {ready.text}"
             time.sleep(0.5)
         assert set(json.loads(ready.text)["models"]) >= {"ranker", "retrieval"}

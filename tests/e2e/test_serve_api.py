@@ -177,9 +177,11 @@ def test_ab_split_is_sticky_and_within_tolerance_over_2000_users(http: httpx.Cli
         assert again == seen[user] == {name: v.name for name, v in ab.assign_all(user, experiments).items()}
 
 
-def test_metrics_expose_requests_latency_versions_reloads_and_events(http: httpx.Client) -> None:
+def test_metrics_expose_requests_latency_versions_reloads_and_events(http: httpx.Client, server: Server) -> None:
     http.post("/v1/recommend", json={"user_id": "metrics-user", "k": 2})
-    text = http.get("/metrics").text
+    assert http.get("/metrics").status_code == 401  # metrics=admin by default: a scraper sends the token
+    with server.client(TOKEN) as admin:
+        text = admin.get("/metrics").text
     for series in ('recforge_requests_total{route="recommend"', 'recforge_request_seconds_bucket{le="0.005",'
                    'route="recommend"', 'recforge_model_version{kind="ranker",model="ranker",role="production"} 1.0',
                    'recforge_reloads_total{result="changed"} 1.0', 'recforge_events_accepted_total{type="impression"}',
@@ -229,6 +231,14 @@ def test_events_export_round_trips_through_data_prepare(http: httpx.Client, serv
     meta = json.loads((work / "prepared" / "meta.json").read_text())
     assert meta["events"] == 600 and meta["positives"]["train"] + meta["positives"]["valid"] + \
         meta["positives"]["test"] == 200
+
+
+def test_the_schema_and_docs_are_for_the_admin_token_by_default(http: httpx.Client, server: Server) -> None:
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert http.get(path).status_code == 401, path
+    with server.client(TOKEN) as admin:
+        assert "/admin/experiments" in admin.get("/openapi.json").json()["paths"]
+    assert http.get("/readyz").json() == {"status": "ready"}  # no versions without the token
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(server: Server, tmp_path: Path) -> None:

@@ -138,11 +138,13 @@ def test_failing_canary_is_rolled_back_and_the_registry_records_why(ops: Ops) ->
         assert last["alias"] == "canary" and last["from"] == version and last["to"] is None, last
         assert last["action"] == "rollback" and "canary" not in _aliases(ops)
         assert "automatic canary rollback" in last["reason"] and "error rate" in last["reason"], last["reason"]
+    with ops.admin() as admin:  # the versions in /readyz and /metrics are for the admin token's bearers
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and client.get("/readyz").json()["models"]["ranker"]["canary"] is not None:
+        while time.monotonic() < deadline and admin.get("/readyz").json()["models"]["ranker"]["canary"] is not None:
             time.sleep(0.1)
-        assert client.get("/readyz").json()["models"]["ranker"]["canary"] is None
-        assert 'recforge_canary_rollbacks_total{kind="ranker"} 1.0' in client.get("/metrics").text
+        assert admin.get("/readyz").json()["models"]["ranker"]["canary"] is None
+        assert 'recforge_canary_rollbacks_total{kind="ranker"} 1.0' in admin.get("/metrics").text
+    with ops.server.client() as client:
         # Routing no longer reaches the canary.
         r = client.post("/v1/recommend", json={"user_id": ops.world.known_users[0], "k": 3}).json()
         assert r["canary"] is False and r["model_versions"]["ranker"] == 1

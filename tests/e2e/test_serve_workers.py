@@ -7,7 +7,11 @@ an experiments change) must hold whichever worker answers next.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,9 +69,20 @@ def _wait_ready(server: Server) -> None:
     assert ready >= 6, server.output()
 
 
+def _workers(server: Server) -> list[int]:
+    found = []
+    for pid in _children(server.proc.pid):
+        try:
+            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text():
+                found.append(pid)
+        except OSError:
+            continue  # exited meanwhile
+    return sorted(found)
+
+
 def test_two_worker_processes_serve_one_port(server: Server) -> None:
     _wait_ready(server)
-    workers = [p for p in _children(server.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    workers = _workers(server)
     assert len(workers) == 2, server.output()
 
 
@@ -100,3 +115,53 @@ def test_an_experiments_change_through_one_worker_reaches_all(server: Server) ->
     for _ in range(8):
         body = _fresh(server, "POST", "/v1/recommend", json={"user_id": 1, "k": 2}).json()
         assert body["assignments"] == {"exp2": "only"}, body
+
+
+def test_a_killed_worker_is_replaced_without_any_request_answered_503(server: Server, world: World) -> None:
+    """Last here: it kills a worker. Two clients keep sending requests, each on a new connection, while one worker
+    is SIGKILLed and restarted by the supervisor. The replacement loads its models before it takes connections, so
+    no request is answered 503; only a request the killed worker held may fail on its connection (one per client)."""
+    _wait_ready(server)
+    before = _workers(server)
+    assert len(before) == 2, server.output()
+    statuses: Counter[int] = Counter()
+    failed: list[str] = []
+    lost: list[str] = []
+    stop = threading.Event()
+
+    def send(user: int) -> None:
+        for _ in range(5000):  # bounded; stopped long before
+            if stop.is_set():
+                return
+            try:
+                r = _fresh(server, "POST", "/v1/recommend", json={"user_id": user, "k": 3})
+            except httpx.TransportError as exc:
+                lost.append(repr(exc))
+                continue
+            statuses[r.status_code] += 1
+            if r.status_code != 200:
+                failed.append(f"{r.status_code} {r.text[:200]}")
+
+    clients = [threading.Thread(target=send, args=(u,), daemon=True) for u in world.known_users[:6]]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        replaced: dict[str, object] = {}
+        while time.monotonic() < deadline and not replaced:
+            time.sleep(0.2)
+            detail = _fresh(server, "GET", "/readyz").json()  # the admin detail: every worker's state
+            new = [w for w in detail.get("workers") or [] if w["pid"] not in before]
+            if new and new[0]["accepting"] and len(detail["workers"]) == 2:
+                replaced = new[0]
+        assert replaced, server.output()
+        assert replaced["models"], replaced  # it accepted only with its models loaded
+        time.sleep(1.5)  # the replacement takes its share of the traffic
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=60)
+    assert not failed, (failed[:5], server.output()[-3000:])
+    assert statuses[200] > 20 and len(lost) <= len(clients), (statuses, lost)

@@ -1,5 +1,6 @@
 """The HTTP layer in-process (no models needed): readiness, admin switched off without a token, events
-accepted before the models load, and the body limit on streamed uploads."""
+accepted before the models load, and the body limit on streamed uploads. What a client without the admin
+token learns (readiness, docs, metrics) is in test_serve_exposure.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from recforge.serve.settings import ServeSettings
 def client(tmp_path: Path) -> Iterator[TestClient]:
     (tmp_path / "registry").mkdir()
     settings = ServeSettings.load({"registry": str(tmp_path / "registry"), "events_dir": str(tmp_path / "events"),
-                                   "poll_interval_s": 0, "max_body_bytes": 4096}, environ={})
+                                   "poll_interval_s": 0, "max_body_bytes": 4096, "metrics": "public"}, environ={})
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 

@@ -16,11 +16,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic_core import to_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,11 +42,13 @@ from recforge.serve.schemas import (
     RollbackRequest,
     ScoreRequest,
     ScoreResponse,
+    WorkerStatus,
     bounded_recommend_request,
     bounded_score_request,
 )
 from recforge.serve.service import ConfigRejected, Job, NotReady, Route, Service, experiments_from, experiments_to
-from recforge.serve.settings import ADMIN_TOKEN_ENV, ServeSettings
+from recforge.serve.settings import ADMIN_TOKEN_ENV, Exposure, ServeSettings
+from recforge.serve.workers import STATE_DIR_ENV, WorkerBoard, WorkerProcess, WorkerState
 
 log = logging.getLogger("recforge.serve")
 
@@ -117,6 +121,10 @@ class BodyLimit:
 SEEN_SYNC_S = 0.2
 # How the parent process hands its settings to the worker processes (uvicorn starts them from an import string).
 WORKER_SETTINGS_ENV = "RECFORGE_WORKER_SETTINGS"
+# A not-ready reason is logged when it changes, and at most this often while it stays the same (probes poll).
+NOT_READY_LOG_EVERY_S = 30.0
+# What a client without the admin token is told when a model route cannot answer (the reason is in the log).
+MODELS_NOT_LOADED = "models not loaded yet; retry later"
 
 
 def _json_content(content: dict[str, Any]) -> Response:
@@ -136,30 +144,124 @@ def _printable(value: object) -> str | int:
     return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
-    """The ASGI app; model loading starts in the background at startup (/readyz says when it is done)."""
+def token_matches(settings: ServeSettings, authorization: str | None) -> bool:
+    """Whether an Authorization header carries the configured admin token (never, when none is configured)."""
+    token = settings.admin_token
+    if not token:
+        return False
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def exposure(settings: ServeSettings, level: Exposure) -> Exposure:
+    """The level a `docs`/`metrics` setting takes effect at: `admin` with no admin token configured is `off`,
+    since nobody could present the token (a 403 "admin disabled" would tell the same to anyone)."""
+    return "off" if level == "admin" and not settings.admin_token else level
+
+
+class NotReadyLog:
+    """Logs why the server is not ready (the public /readyz answer does not say): when the reason changes,
+    and at most every NOT_READY_LOG_EVERY_S while it stays the same, since probes ask every few seconds."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+        self.at = 0.0
+
+    def __call__(self, reason: str | None) -> None:
+        now = time.monotonic()
+        if reason is not None and (reason != self.last or now - self.at >= NOT_READY_LOG_EVERY_S):
+            log.warning("/readyz: not ready: %s", reason)
+            self.at = now
+        self.last = reason
+
+
+def _add_docs(app: FastAPI, level: Exposure, admin: Any) -> None:
+    """/openapi.json, /docs and /redoc at `level`: absent (404), behind the admin token (401 without it), or open.
+
+    FastAPI's own docs routes cannot take a dependency, so the app is built without them and these stand in.
+    """
+    if level == "off":
+        return
+    dependencies = [Depends(admin)] if level == "admin" else []
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=dependencies)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=dependencies)
+    async def swagger(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
+                                   title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
+                              title=f"{app.title} - ReDoc")
+
+
+def create_app(settings: ServeSettings, service: Service | None = None, board: WorkerBoard | None = None) -> FastAPI:
+    """The ASGI app. Alone, a server loads its models in the background from startup (/readyz says when it is
+    done). One of several workers (`board` given) loads them before it takes connections while another worker
+    serves (see `join_workers` and serve/workers.py)."""
     svc = service or Service(settings)
     background: set[asyncio.Future[Any]] = set()
+    not_ready_log = NotReadyLog()
 
     def spawn(future: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(future)
         background.add(task)
         task.add_done_callback(background.discard)
 
+    def announce(accepting: bool = True) -> None:
+        """This worker's state, for the others' /readyz and start-up decisions (see serve/workers.py)."""
+        if board is not None:
+            snapshot = svc.snapshot
+            try:
+                board.publish(accepting, snapshot.versions() if snapshot is not None else None)
+            except OSError as exc:  # the supervisor removes the directory as it stops
+                log.warning("cannot publish this worker's state in %s: %s", board.root, exc)
+
     async def reload_in_thread() -> bool:
-        return await asyncio.get_running_loop().run_in_executor(None, svc.reload)
+        changed = await asyncio.get_running_loop().run_in_executor(None, svc.reload)
+        if changed:
+            announce()
+        return changed
+
+    async def load_attempt() -> None:
+        """One reload; a failure is kept in `svc.last_error` (and logged) for /readyz, and the caller retries."""
+        try:
+            if settings.workers > 1 and svc.snapshot is not None:
+                await asyncio.get_running_loop().run_in_executor(None, svc.follow_experiments_file)
+            await reload_in_thread()
+            svc.last_error = None
+        except Exception as exc:  # the registry may be mid-change or empty: report and retry
+            svc.last_error = f"cannot load models: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
+            log.error("%s", svc.last_error)
+
+    async def join_workers(board: WorkerBoard) -> None:
+        """Runs in lifespan startup, so before uvicorn's server takes connections on the shared socket: while
+        another worker serves, load the models first (a worker restarted next to serving ones would otherwise
+        take its share of new connections at once and answer them 503 until loaded). With no other worker
+        accepting (the server's first start, or all of them down) nobody would answer /healthz and /readyz
+        meanwhile, so this one accepts at once and loads in the background, as a single server does."""
+        loop = asyncio.get_running_loop()
+        announce(accepting=False)
+        while svc.snapshot is None:
+            if not await loop.run_in_executor(None, board.others_accepting):
+                log.info("no other worker takes connections: this one does now, its models load meanwhile")
+                return
+            await load_attempt()
+            for _ in range(10):  # a failed load is retried every 2 s, as follow_registry does
+                if svc.snapshot is not None or not await loop.run_in_executor(None, board.others_accepting):
+                    break
+                await asyncio.sleep(0.2)
+        log.info("models loaded before taking connections: %s", svc.snapshot.versions())
 
     async def follow_registry() -> None:
         """Initial load, then re-resolve the aliases every poll interval (retrying until production loads)."""
         while True:
-            try:
-                if settings.workers > 1 and svc.snapshot is not None:
-                    await asyncio.get_running_loop().run_in_executor(None, svc.follow_experiments_file)
-                await reload_in_thread()
-                svc.last_error = None
-            except Exception as exc:  # the registry may be mid-change or empty: report and retry
-                svc.last_error = f"cannot load models: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
-                log.error("%s", svc.last_error)
+            await load_attempt()
+            announce()  # also after changes made outside reload_in_thread (experiments, canary rollbacks)
             interval = settings.poll_interval_s or (2.0 if svc.snapshot is None else 0)
             if not interval:
                 return
@@ -183,17 +285,24 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         # One thread per model call; parallelism comes from the model thread pool and from batching.
         torch.set_num_threads(1)
         faiss.omp_set_num_threads(1)
-        spawn(follow_registry())
         if settings.workers > 1:
             spawn(follow_events())
+        if board is not None:
+            await join_workers(board)
+            announce(accepting=True)
+        spawn(follow_registry())
         try:
             yield
         finally:
             for task in list(background):
                 task.cancel()
+            if board is not None:
+                board.withdraw()
             svc.close()
 
-    app = FastAPI(title="recforge serve", version="1", lifespan=lifespan,
+    # No built-in docs routes: _add_docs serves them at the `docs` setting's level.
+    app = FastAPI(title="recforge serve", version="1", lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None,
                   description="Two-stage recommendations, scoring, events, A/B experiments and canaries.")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.state.service = svc
@@ -211,15 +320,13 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     def ready() -> Any:
         try:
             return svc.ready()
-        except NotReady as exc:
-            raise HTTPException(503, str(exc)) from None
+        except NotReady:  # why (a registry path, a checksum) is in the log and in /readyz for the admin
+            raise HTTPException(503, MODELS_NOT_LOADED) from None
 
     def admin(authorization: str | None = Header(None)) -> None:
-        token = settings.admin_token
-        if not token:
+        if not settings.admin_token:
             raise HTTPException(403, f"admin routes are disabled: set {ADMIN_TOKEN_ENV} to enable them")
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        if not token_matches(settings, authorization):
             raise HTTPException(401, "missing or wrong admin token: send 'Authorization: Bearer <token>'")
 
     def finish(route_name: str, route: Route, status: int, started: float, canary_failed: bool = False) -> None:
@@ -234,16 +341,47 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     async def healthz() -> Health:
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Ready, responses={503: {"model": ErrorResponse}})
-    async def readyz() -> Ready:
-        if await asyncio.get_running_loop().run_in_executor(svc.events_executor, svc.events_unwritable):
-            raise HTTPException(503, "the event store cannot write (disk full)")
-        snapshot = ready()
-        return Ready(status="ready", models=snapshot.versions())
+    @app.get("/readyz", response_model=Ready, response_model_exclude_none=True,
+             responses={503: {"model": ErrorResponse}})
+    async def readyz(authorization: str | None = Header(None, include_in_schema=False)) -> Ready:
+        """Ready or not for anyone; the versions, the workers and the exact reason only with the admin token."""
+        loop = asyncio.get_running_loop()
+        detailed = token_matches(settings, authorization)
+        states = await loop.run_in_executor(None, board.states) if board is not None else None
+        public, reason = await loop.run_in_executor(svc.events_executor, not_ready_reason, states)
+        not_ready_log(reason)
+        if reason is not None:
+            raise HTTPException(503, reason if detailed else f"not ready: {public}")
+        if not detailed:
+            return Ready(status="ready")
+        snapshot = svc.ready()
+        return Ready(status="ready", models=snapshot.versions(), workers_expected=settings.workers if states else None,
+                     workers=[WorkerStatus(pid=s.pid, accepting=s.accepting, models=s.models) for s in states or []]
+                     or None)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    def not_ready_reason(states: list[WorkerState] | None) -> tuple[str, str | None]:
+        """Runs in the events thread: (what anyone may be told, the full reason or None when ready)."""
+        problem = svc.events_unwritable()
+        if problem:
+            return "the event store cannot write", f"the event store cannot write (disk full): {problem}"
+        try:
+            svc.ready()
+        except NotReady as exc:
+            return "models not loaded", str(exc)
+        me = board.pid if board is not None else None
+        waiting = [s.pid for s in states or [] if s.accepting and s.models is None and s.pid != me]
+        if waiting:
+            return ("models not loaded in every worker",
+                    f"worker(s) {', '.join(map(str, waiting))} take connections but have not loaded their models")
+        return "", None
+
+    if exposure(settings, settings.metrics) != "off":
+        @app.get("/metrics", include_in_schema=False,
+                 dependencies=[Depends(admin)] if settings.metrics == "admin" else [])
+        async def metrics() -> Response:
+            return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    _add_docs(app, exposure(settings, settings.docs), admin)
 
     async def recommend(body: RecommendRequest) -> Any:
         started = time.perf_counter()
@@ -381,7 +519,9 @@ def run(settings: ServeSettings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.admin_token:
-        log.warning("%s is not set: admin routes (reload, experiments, rollback) are disabled", ADMIN_TOKEN_ENV)
+        off = [f"{name}=admin" for name in ("docs", "metrics") if getattr(settings, name) == "admin"]
+        log.warning("%s is not set: admin routes (reload, experiments, rollback) are disabled%s", ADMIN_TOKEN_ENV,
+                    f", and so are the routes under {' and '.join(off)} (404)" if off else "")
     if settings.workers > 1:
         _run_workers(settings)
         return
@@ -401,19 +541,31 @@ def _run_workers(settings: ServeSettings) -> None:
     micro-batches, the canary window (each judges the canary on the requests it served) and the /metrics series
     (a scrape sees the worker that answered it).
 
+    Readiness is the server's, not one worker's: each worker publishes its state in a directory made here for
+    this server (serve/workers.py). A worker restarted while others serve loads its models in its lifespan
+    startup, and uvicorn starts accepting on the socket only once startup is over, so it takes no connection
+    before it can answer it; /readyz, from whichever worker answers, is ready only when every worker that
+    accepts connections has its models. The supervisor's health ping waits `worker_healthcheck_timeout_s`:
+    loading can hold a worker's interpreter for seconds on a busy machine, and a worker that misses the ping
+    is killed and restarted, loading again from scratch. A worker that died is still noticed at once
+    (`serve.workers.WorkerProcess`).
+
     The socket is made here rather than by uvicorn: uvicorn's own leaves the protocol unset, so asyncio does not
     set TCP_NODELAY on the accepted connections, and every keep-alive response then waits ~40 ms for a delayed
     ACK (Nagle's algorithm).
     """
+    import shutil
     import socket
+    import tempfile
 
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors import Multiprocess, multiprocess
 
+    multiprocess.Process = WorkerProcess  # type: ignore[misc]  # the supervisor makes its workers by this name
     os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
     config = uvicorn.Config("recforge.serve.app:worker_app", factory=True, workers=settings.workers,
                             host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                            lifespan="on")
+                            lifespan="on", timeout_worker_healthcheck=settings.worker_healthcheck_timeout_s)
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -423,12 +575,17 @@ def _run_workers(settings: ServeSettings) -> None:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}; choose another --port"
                       ) from None
     log.info("serving with %d worker processes on %s:%d", settings.workers, settings.host, settings.port)
-    with contextlib.suppress(KeyboardInterrupt):
-        Multiprocess(config, sockets=[sock]).run()
+    state_dir = tempfile.mkdtemp(prefix="recforge-serve-workers-")
+    os.environ[STATE_DIR_ENV] = state_dir
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            Multiprocess(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def worker_app() -> FastAPI:
     """One worker process's app, built from the settings the parent read (uvicorn calls this in each worker)."""
     settings = ServeSettings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(settings)
+    return create_app(settings, board=WorkerBoard(Path(os.environ[STATE_DIR_ENV])))

@@ -160,9 +160,19 @@ class Health(BaseModel):
     status: str
 
 
+class WorkerStatus(BaseModel):
+    pid: int
+    accepting: bool
+    models: dict[str, dict[str, int | None]] | None = None
+
+
 class Ready(BaseModel):
+    """Anyone gets `status`; the versions and (with several workers) each worker's state need the admin token."""
+
     status: str
-    models: dict[str, dict[str, int | None]] = Field(default_factory=dict)
+    models: dict[str, dict[str, int | None]] | None = None
+    workers_expected: int | None = None
+    workers: list[WorkerStatus] | None = None
 
 
 class ReloadResponse(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -17,6 +17,8 @@ ENV_PREFIX = "RECFORGE_SERVE_"
 ADMIN_TOKEN_ENV = "RECFORGE_ADMIN_TOKEN"
 # A file holding the token (a mounted secret), for deployments that keep secrets out of the environment.
 ADMIN_TOKEN_FILE_ENV = "RECFORGE_ADMIN_TOKEN_FILE"
+# Who may read a route that describes the server: nobody (404), admin-token holders (401 otherwise), anyone.
+Exposure = Literal["off", "admin", "public"]
 
 
 def admin_token_from(env: Mapping[str, str]) -> str | None:
@@ -88,6 +90,15 @@ class ServeSettings(BaseModel):
     # Items remembered per user (from accepted events) for exclude_seen and histories, and how many users.
     seen_per_user: int = Field(200, ge=0)
     seen_users: int = Field(100_000, ge=0)
+    # With several workers, how long the supervisor waits for a worker to answer its health ping before it kills
+    # and replaces it. A worker loading its models on a busy machine can hold the interpreter for seconds, so
+    # this stays well above the model loading time (uvicorn's own default, 5 s, killed loading workers).
+    worker_healthcheck_timeout_s: int = Field(60, ge=1, le=3600)
+    # /openapi.json, /docs and /redoc describe every route, the admin ones included; /metrics shows the model
+    # versions and traffic. "admin" serves them to bearers of the admin token only; with no admin token
+    # configured, "admin" is the same as "off" (nobody could present it). See docs/security.md.
+    docs: Exposure = "admin"
+    metrics: Exposure = "admin"
     log_level: str = "info"
     admin_token: str | None = Field(None, repr=False, description=f"From the {ADMIN_TOKEN_ENV} environment variable.")
 

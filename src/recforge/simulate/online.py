@@ -226,7 +226,8 @@ class FeedClient:
         return self._send("POST", "/admin/reload", headers=self._admin())
 
     def ready(self) -> dict[str, Any]:
-        return self._send("GET", "/readyz")
+        """The server's readiness; the loaded versions come only with the admin token (docs/security.md)."""
+        return self._send("GET", "/readyz", headers=self._admin() if self.token else None)
 
 
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
