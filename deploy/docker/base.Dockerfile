@@ -4,12 +4,11 @@
 # torch pins change.
 #   docker buildx build -f deploy/docker/base.Dockerfile -t recforge-base:2.13.0-cu130 .
 #
-# CUDA_IMAGE is pinned by tag; the CI workflow resolves the tag to its digest once and passes
-# CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu22.04@sha256:... so every image of one run has the same bytes.
+# CUDA_IMAGE is pinned by digest (a tag can be re-pushed under the same name); CI checks the digest exists.
 # The "base" flavour (CUDA runtime + the container toolkit's driver hooks) is enough: the torch wheels bring
 # their own CUDA, cuDNN and NCCL libraries, which a "runtime"/"cudnn" flavour would ship a second time.
 # Its NVIDIA_REQUIRE_CUDA makes `docker run --gpus` refuse a host driver too old for CUDA 13.0, at start.
-ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu22.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.3-base-ubuntu22.04@sha256:73ab6dfb3814a5097cd456736e70650ef9dc72343be4117d0400de78168760fe
 FROM ${CUDA_IMAGE}
 
 ARG CUDA_LOCK=requirements/lock-cu130.txt

@@ -7,7 +7,7 @@ variable "REGISTRY" { default = "recforge" }
 variable "TAG" { default = "0.1.0" }
 variable "TORCH_TAG" { default = "2.13.0-cu130" }
 # CI sets this to the tag resolved to its digest (nvidia/cuda:...@sha256:...).
-variable "CUDA_IMAGE" { default = "nvidia/cuda:13.0.2-base-ubuntu22.04" }
+variable "CUDA_IMAGE" { default = "nvidia/cuda:13.0.3-base-ubuntu22.04@sha256:73ab6dfb3814a5097cd456736e70650ef9dc72343be4117d0400de78168760fe" }
 
 group "default" {
   targets = ["base", "app", "dev"]
