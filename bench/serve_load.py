@@ -344,7 +344,7 @@ def in_process_worker(route: str, duration: float, data: Path, result: Path, reg
     from recforge.serve.service import Service
     from recforge.serve.settings import ServeSettings
 
-    torch.set_num_threads(1)  # as the server does (serve/app.py lifespan)
+    torch.set_num_threads(1)  # as the server does (serve/lifecycle.py, serve/models.py)
     faiss.omp_set_num_threads(1)
     lines = data.read_text().split("\n")
     split = lines.index("items")
@@ -356,14 +356,14 @@ def in_process_worker(route: str, duration: float, data: Path, result: Path, reg
         settings = ServeSettings.load({"registry": str(registry), "events_dir": events, "poll_interval_s": 0,
                                        "alias": alias})
         svc = Service(settings)
-        svc.reload()
-        snapshot = svc.ready()
+        svc.loader.reload()
+        snapshot = svc.loader.ready()
 
         def call(n: int) -> None:
             user = users[n % len(users)]
             context = {"hour": n % HOURS, "device": DEVICES[n % len(DEVICES)]}
             routed = svc.route(snapshot, user)
-            seen, clicked = svc.seen.get(user)
+            seen, clicked = svc.online.users.get(user)
             if route == "recommend":
                 query = Query(user, context, K, True, seen, clicked)
                 retrieval = snapshot.model("retrieval", routed.retrieval)

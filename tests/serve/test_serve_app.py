@@ -74,7 +74,7 @@ def test_event_times_are_bounded_by_the_server_clock(client: TestClient, tmp_pat
 
 
 def test_a_full_event_store_is_503_counted_not_ready_and_recovers(client: TestClient) -> None:
-    store = client.app.state.service.events
+    store = client.app.state.service.online.sink
     store._db.execute(f"PRAGMA max_page_count={store._db.execute('PRAGMA page_count').fetchone()[0] + 8}")
     pad = {f"pad{n}": "x" * 250 for n in range(12)}
     with pytest.raises(EventStoreFull):  # the disk fills up

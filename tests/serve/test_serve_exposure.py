@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from recforge.serve.app import MODELS_NOT_LOADED, create_app
+from recforge.serve.app import create_app
+from recforge.serve.routes.deps import MODELS_NOT_LOADED
 from recforge.serve.service import Service
 from recforge.serve.settings import ServeSettings
 
@@ -40,10 +41,10 @@ def broken(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
     def reload(*_: object) -> bool:
         raise ValueError(reason)
 
-    service.reload = reload  # type: ignore[method-assign]
+    service.loader.reload = reload  # type: ignore[method-assign]
     with TestClient(create_app(settings, service)) as client:
         deadline = time.monotonic() + 10
-        while service.last_error is None and time.monotonic() < deadline:
+        while service.loader.last_error is None and time.monotonic() < deadline:
             time.sleep(0.01)
         yield client, reason
 
@@ -66,7 +67,7 @@ def test_public_readyz_says_not_ready_without_paths_or_checksums(broken: tuple[T
 
 def test_public_readyz_when_ready_shows_no_versions(broken: tuple[TestClient, str]) -> None:
     client, _ = broken
-    client.app.state.service.snapshot = SimpleNamespace(versions=lambda: VERSIONS)
+    client.app.state.service.loader.snapshot = SimpleNamespace(versions=lambda: VERSIONS)
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json() == {"status": "ready"}
     r = client.get("/readyz", headers=ADMIN)

@@ -12,8 +12,8 @@ import pytest
 from recforge.serve.batching import MicroBatcher
 from recforge.serve.canary import CanaryMonitor, CanaryThresholds
 from recforge.serve.models import typed_id
-from recforge.serve.service import SeenItems
 from recforge.serve.settings import ServeSettings
+from recforge.serve.user_state import MemoryUserState
 
 
 class Clock:
@@ -106,7 +106,7 @@ def test_settings_errors_name_the_setting() -> None:
 
 
 def test_seen_items_are_bounded_per_user_and_in_users() -> None:
-    seen = SeenItems(per_user=3, users=2)
+    seen = MemoryUserState(per_user=3, users=2)
     seen.add([("impression", 1, i) for i in range(5)] + [("click", 1, 9)])
     assert seen.get(1) == (("3", "4", "9"), ("9",))
     assert seen.get("1") == seen.get(1)

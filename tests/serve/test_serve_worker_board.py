@@ -59,8 +59,8 @@ class _Loading:
         if self.calls <= self.failures:
             raise ValueError("registry unreachable")
         time.sleep(self.seconds)
-        changed = self.service.snapshot is None
-        self.service.snapshot = SimpleNamespace(versions=lambda: VERSIONS)  # type: ignore[assignment]
+        changed = self.service.loader.snapshot is None
+        self.service.loader.snapshot = SimpleNamespace(versions=lambda: VERSIONS)  # type: ignore[assignment]
         return changed
 
 
@@ -70,7 +70,7 @@ def _app(tmp_path: Path, board: WorkerBoard, **loading: float) -> tuple[TestClie
                                    "poll_interval_s": 30}, environ={"RECFORGE_ADMIN_TOKEN": TOKEN})
     service = Service(settings)
     fake = _Loading(service, **loading)  # type: ignore[arg-type]
-    service.reload = fake  # type: ignore[method-assign]
+    service.loader.reload = fake  # type: ignore[method-assign]
     return TestClient(create_app(settings, service, board)), fake
 
 
@@ -83,7 +83,7 @@ def test_a_worker_joining_serving_workers_loads_before_it_takes_connections(
     client, fake = _app(tmp_path, me, seconds=0.3, failures=1)
     with client:  # returns once lifespan startup is over: when uvicorn would start accepting
         # The failed attempt and the one that loaded happened before startup ended (the poll may add one).
-        assert client.app.state.service.snapshot is not None and fake.calls >= 2
+        assert client.app.state.service.loader.snapshot is not None and fake.calls >= 2
         assert {s.pid: s.accepting for s in me.states()} == {me.pid: True, peer.pid: True}
         assert client.get("/readyz").json() == {"status": "ready"}
 

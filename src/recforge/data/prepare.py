@@ -190,15 +190,7 @@ def prepare(
     train_table = events.filter(pa.array(train_mask))
     vocabs = fit_vocabs(train_table, fields, vocab_cfg)
     categorical = np.stack([vocabs[f].encode(events.column(f)) for f in fields], axis=1).astype(np.int64)
-    numeric_raw = (
-        np.stack([events.column(c).to_numpy().astype(np.float64) for c in schema.numeric], axis=1)
-        if schema.numeric
-        else np.zeros((events.num_rows, 0))
-    )
-    mean = numeric_raw[train_mask].mean(axis=0) if schema.numeric else np.zeros(0)
-    std = numeric_raw[train_mask].std(axis=0) if schema.numeric else np.zeros(0)
-    std = np.where(std > 0, std, 1.0)
-    numeric = ((numeric_raw - mean) / std).astype(np.float32)
+    numeric, mean, std = _standardized(events, schema.numeric, train_mask)
 
     item_col = fields.index(schema.item)
     item_feature_cols = [fields.index(f) for f in schema.item_features]
@@ -224,49 +216,16 @@ def prepare(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
-        for code, name in enumerate(SPLITS):
-            rows = np.flatnonzero(split == code)
-            part = tmp / name
-            part.mkdir()
-            save_array(part / "categorical.npy", categorical[rows])
-            save_array(part / "numeric.npy", numeric[rows])
-            save_array(part / "label.npy", labels[rows])
-            save_array(part / "timestamp.npy", times[rows])
-            save_array(part / "user_key.npy", user_key[rows])
-            if history_length > 0:
-                values, offsets = take_histories(history_values, history_offsets, rows)
-                save_array(part / "history_values.npy", values)
-                save_array(part / "history_offsets.npy", offsets)
+        columns = {"categorical": categorical, "numeric": numeric, "label": labels, "timestamp": times,
+                   "user_key": user_key}
+        _write_splits(tmp, split, columns, (history_values, history_offsets) if history_length > 0 else None)
         save_vocabs(vocabs, tmp / "vocab")
         (tmp / "items").mkdir()
         save_array(tmp / "items" / "features.npy", item_features)
         save_array(tmp / "items" / "train_counts.npy", train_item_counts.astype(np.int64))
-        meta = {
-            "schema_version": PREPARED_SCHEMA_VERSION,
-            "created_unix": int(time.time()),
-            "fields": [
-                {"name": f, "cardinality": vocabs[f].size, "role": _role(f, schema),
-                 "hashed": vocabs[f].hash_buckets is not None}
-                for f in fields
-            ],
-            "numeric": [
-                {"name": c, "mean": float(m), "std": float(s)}
-                for c, m, s in zip(schema.numeric, mean, std, strict=True)
-            ],
-            "item_features": list(schema.item_features),
-            "history_length": history_length,
-            "label": schema.label.model_dump(),
-            "split": {"method": split_cfg.method, "valid_fraction": split_cfg.valid_fraction,
-                      "test_fraction": split_cfg.test_fraction, **_split_times(times, split)},
-            "positives": {name: int(labels[split == code].sum()) for code, name in enumerate(SPLITS)},
-            "users": num_users,
-            "items": num_item_keys,
-            "rows": int(len(labels)),
-            "events": int(events.num_rows),
-            "negatives": negatives_meta,
-            "source": source or {},
-            "seed": seed,
-        }
+        totals = {"users": num_users, "items": num_item_keys, "events": int(events.num_rows)}
+        meta = _meta(schema, vocabs, mean, std, split_cfg, times, split, labels, totals=totals,
+                     negatives=negatives_meta, history_length=history_length, seed=seed, source=source)
         write_json(tmp / "meta.json", meta)
         FeatureLayout.from_prepared_meta(meta).save(tmp / FEATURES_FILE)  # what models and runs read
         for name, path in (extra_files or {}).items():
@@ -278,6 +237,67 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PreparedInfo(out, meta)
+
+
+
+def _standardized(events: pa.Table, columns: list[str], train_mask: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numeric columns standardized with the TRAINING rows' mean and std (a constant column keeps std 1)."""
+    if not columns:
+        return np.zeros((events.num_rows, 0), dtype=np.float32), np.zeros(0), np.zeros(0)
+    raw = np.stack([events.column(c).to_numpy().astype(np.float64) for c in columns], axis=1)
+    mean = raw[train_mask].mean(axis=0)
+    std = raw[train_mask].std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return ((raw - mean) / std).astype(np.float32), mean, std
+
+
+def _write_splits(root: Path, split: np.ndarray, columns: dict[str, np.ndarray],
+                  histories: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """One folder of memory-mappable arrays per split (and each row's history, values + offsets)."""
+    for code, name in enumerate(SPLITS):
+        rows = np.flatnonzero(split == code)
+        part = root / name
+        part.mkdir()
+        for column, values in columns.items():
+            save_array(part / f"{column}.npy", values[rows])
+        if histories is not None:
+            values, offsets = take_histories(histories[0], histories[1], rows)
+            save_array(part / "history_values.npy", values)
+            save_array(part / "history_offsets.npy", offsets)
+
+
+def _meta(schema: SchemaConfig, vocabs: dict[str, Vocab], mean: np.ndarray, std: np.ndarray,
+          split_cfg: SplitConfig, times: np.ndarray, split: np.ndarray, labels: np.ndarray, *,
+          totals: dict[str, int], negatives: dict[str, Any] | None, history_length: int, seed: int,
+          source: dict[str, Any] | None) -> dict[str, Any]:
+    """meta.json: what the prepared arrays mean (fields, scaling, split) and where they came from."""
+    return {
+        "schema_version": PREPARED_SCHEMA_VERSION,
+        "created_unix": int(time.time()),
+        "fields": [
+            {"name": f, "cardinality": vocabs[f].size, "role": _role(f, schema),
+             "hashed": vocabs[f].hash_buckets is not None}
+            for f in schema.categorical
+        ],
+        "numeric": [
+            {"name": c, "mean": float(m), "std": float(s)}
+            for c, m, s in zip(schema.numeric, mean, std, strict=True)
+        ],
+        "item_features": list(schema.item_features),
+        "history_length": history_length,
+        "label": schema.label.model_dump(),
+        "split": {"method": split_cfg.method, "valid_fraction": split_cfg.valid_fraction,
+                  "test_fraction": split_cfg.test_fraction, **_split_times(times, split)},
+        "positives": {name: int(labels[split == code].sum()) for code, name in enumerate(SPLITS)},
+        "users": totals["users"],
+        "items": totals["items"],
+        "rows": int(len(labels)),
+        "events": totals["events"],
+        "negatives": negatives,
+        "source": source or {},
+        "seed": seed,
+    }
 
 
 def _role(field: str, schema: SchemaConfig) -> str:

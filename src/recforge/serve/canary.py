@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,3 +75,50 @@ class CanaryMonitor:
             return (f"canary p99 latency {s.p99_ms:.1f} ms over {s.requests} requests in {t.window_s:g}s exceeds "
                     f"{t.max_p99_ms:g} ms")
         return None
+
+
+class CanaryGuard:
+    """Every canary version's monitor, and the decision to take one out of rotation.
+
+    A breached version is banned here at once (routing stops sending users to it before the registry
+    has moved), and handed out for rollback exactly once however many requests see the breach.
+    """
+
+    def __init__(self, thresholds: CanaryThresholds) -> None:
+        self.thresholds = thresholds
+        self._lock = threading.Lock()
+        self._monitors: dict[tuple[str, int], CanaryMonitor] = {}
+        self._banned: set[tuple[str, int]] = set()
+        self._rolling_back: set[tuple[str, int]] = set()
+
+    def is_banned(self, kind: str, version: int) -> bool:
+        return (kind, version) in self._banned
+
+    def observe(self, canaries: list[tuple[str, int]], ok: bool, latency_s: float) -> list[tuple[str, int, str]]:
+        """Record one request served by these canary versions; returns the (kind, version, reason) breaches
+        that need a rollback now."""
+        breaches = []
+        for kind, version in canaries:
+            with self._lock:
+                monitor = self._monitors.setdefault((kind, version), CanaryMonitor(self.thresholds))
+            monitor.observe(ok, latency_s)
+            reason = monitor.breach()
+            if reason is None:
+                continue
+            with self._lock:
+                if (kind, version) in self._rolling_back or (kind, version) in self._banned:
+                    continue
+                self._rolling_back.add((kind, version))
+                self._banned.add((kind, version))
+            breaches.append((kind, version, reason))
+        return breaches
+
+    def rolled_back(self, kind: str, version: int) -> None:
+        """The rollback of a breached version has been tried; it stays banned in this process."""
+        with self._lock:
+            self._rolling_back.discard((kind, version))
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            monitors = dict(self._monitors)
+        return {f"{k}:{v}": m.stats().__dict__ for (k, v), m in monitors.items()}

@@ -101,6 +101,10 @@ def load_model(registry_root: str | Path, name: str, version: int) -> LoadedMode
     """Resolve, verify and load one version; everything per-item is computed here, not per request."""
     path = registry.resolve(registry_root, name, version)
     bundle = load_bundle(path)
+    if bundle.index is not None:
+        import faiss  # loaded with the first retrieval bundle only (a ranking-only server never needs it)
+
+        faiss.omp_set_num_threads(1)  # one thread per model call, like torch (serve/lifecycle.py)
     layout = bundle.layout
     categorical, roles = list(layout.categorical), list(layout.field_roles)
     item_cols = layout.item_columns

@@ -1,0 +1,106 @@
+"""The server's online plane: accepted events go to an events sink, and what users did goes to a
+user-state store; this keeps the two consistent and says when events cannot be stored.
+
+`EventSink` is what the server needs of an event log (today's implementation: the SQLite store in
+`events.py`, one file shared by the workers of one machine). The user state is rebuilt from the
+sink at start, and with several workers each one reads on from its cursor what the others stored,
+so exclude_seen and histories hold whichever worker took an event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from recforge.serve.events import EventStoreFull, StoredEvent
+from recforge.serve.metrics import ServeMetrics
+from recforge.serve.user_state import SeenEvent, UserStateStore
+
+log = logging.getLogger("recforge.serve")
+
+
+class EventSink(Protocol):
+    def append(self, events: Sequence[StoredEvent]) -> int:
+        """Store events durably before returning; raises EventStoreFull when they cannot be stored."""
+
+    def probe(self) -> None:
+        """A real write that stores nothing: raises EventStoreFull while writes still fail."""
+
+    def last_id(self) -> int:
+        """Id of the newest stored event (0 when none): a cursor to read on from."""
+
+    def since(self, after_id: int) -> tuple[list[SeenEvent], int]:
+        """Events stored after a cursor (by any writer), and the new cursor."""
+
+    def recent(self, limit: int, upto_id: int | None = None) -> list[SeenEvent]:
+        """The newest `limit` events up to a cursor, oldest first."""
+
+    def close(self) -> None: ...
+
+
+class OnlineState:
+    """One process's view of the sink and the user state. Every method runs in the events thread."""
+
+    def __init__(self, sink: EventSink, users: UserStateStore, metrics: ServeMetrics, shared: bool,
+                 warm_events: int) -> None:
+        self.sink = sink
+        self.users = users
+        self.metrics = metrics
+        # Several writers (workers) share the sink: learn of their events by reading on from a cursor.
+        self.shared = shared
+        # Why the last batch could not be stored (disk full), until a write succeeds again: /readyz fails meanwhile.
+        self.error: str | None = None
+        self._cursor = sink.last_id()
+        self.total = self._cursor
+        users.add(sink.recent(warm_events, self._cursor))
+
+    def store(self, events: Sequence[StoredEvent], seen: Sequence[SeenEvent]) -> int:
+        """Durable first, then remembered for exclude_seen. Returns the number of events stored (by every
+        worker)."""
+        try:
+            self.sink.append(events)
+        except EventStoreFull as exc:
+            self.error = str(exc)
+            self.metrics.event_write_failures.inc()
+            log.error("events not stored (answered 503): %s", exc)
+            raise
+        self.error = None
+        if self.shared:
+            self.sync()  # reads this batch back in order with whatever the other workers stored meanwhile
+        else:
+            self.total += len(events)
+            self._cursor = self.total
+            self.users.add(seen)
+        for type_ in ("impression", "click"):
+            count = sum(1 for event in events if event.type == type_)
+            if count:
+                self.metrics.events.labels(type_).inc(count)
+        return self.total
+
+    def unwritable(self) -> str | None:
+        """Why events cannot be stored now, or None. After a failed write it tries a real write each time it
+        is asked, so readiness recovers by itself once space is freed."""
+        if self.error is not None:
+            try:
+                self.sink.probe()
+            except EventStoreFull as exc:
+                self.error = str(exc)
+            else:
+                log.info("the event store takes writes again")
+                self.error = None
+        return self.error
+
+    def sync(self) -> None:
+        """Remember the events stored since the last call by any worker (all of them write the same sink)."""
+        rows, self._cursor = self.sink.since(self._cursor)
+        self.users.add(rows)
+        self.total = max(self.total, self._cursor)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar as the Python value JSON and SQLite take."""
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,2 @@
+"""The HTTP routes, one module per audience: health (probes, metrics, docs), models (recommend, score),
+events, admin. Each route calls one method of the server's parts and maps its errors to status codes."""

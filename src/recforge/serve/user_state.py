@@ -1,0 +1,58 @@
+"""Per-user online state: the items a user was recently shown and clicked, for exclude_seen and histories.
+
+`UserStateStore` is what the server needs of such a store; `MemoryUserState` keeps it in this
+process (bounded, least recently active users dropped first). A store shared by every replica
+implements the same two methods.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Protocol
+
+from recforge.serve.models import RawId
+
+# (event type, user id, item id) of an accepted event.
+SeenEvent = tuple[str, RawId, RawId]
+
+
+class UserStateStore(Protocol):
+    def add(self, events: Sequence[SeenEvent]) -> None:
+        """Remember accepted events, oldest first."""
+
+    def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(items recently shown, items recently clicked) of a user, oldest first; empty when unknown."""
+
+
+class MemoryUserState:
+    """Bounded per-user memory of items from accepted events: what to exclude, and the click history."""
+
+    def __init__(self, per_user: int, users: int) -> None:
+        self.per_user = per_user
+        self.users = users
+        self._data: OrderedDict[str, tuple[deque[str], deque[str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, events: Sequence[SeenEvent]) -> None:
+        if not self.per_user or not self.users:
+            return
+        with self._lock:
+            for type_, user, item in events:
+                key = str(user)
+                entry = self._data.get(key)
+                if entry is None:
+                    entry = self._data[key] = (deque(maxlen=self.per_user), deque(maxlen=self.per_user))
+                else:
+                    self._data.move_to_end(key)
+                entry[0].append(str(item))
+                if type_ == "click":
+                    entry[1].append(str(item))
+            while len(self._data) > self.users:
+                self._data.popitem(last=False)
+
+    def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        with self._lock:
+            entry = self._data.get(str(user))
+            return (tuple(entry[0]), tuple(entry[1])) if entry else ((), ())
