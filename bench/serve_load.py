@@ -340,11 +340,11 @@ def in_process_worker(route: str, duration: float, data: Path, result: Path, reg
     import faiss
     import torch
 
-    from recforge.serve.models import Query, recommend_batch, score_items
+    from recforge.serve.inference import Query, recommend_batch, score_items
     from recforge.serve.service import Service
     from recforge.serve.settings import ServeSettings
 
-    torch.set_num_threads(1)  # as the server does (serve/lifecycle.py, serve/models.py)
+    torch.set_num_threads(1)  # as the server does (serve/lifecycle.py, serve/inference.py)
     faiss.omp_set_num_threads(1)
     lines = data.read_text().split("\n")
     split = lines.index("items")
@@ -403,7 +403,7 @@ def index_worker(data: Path, result: Path, registry: Path) -> None:
     import numpy as np
     import torch
 
-    from recforge.serve.models import Query, encode_requests, load_model
+    from recforge.serve.inference import Query, encode_requests, load_model
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)

@@ -32,7 +32,7 @@ class Layer:
 
 @dataclass(frozen=True)
 class Edge:
-    source: str  # importing module, e.g. "serve.models"
+    source: str  # importing module, e.g. "serve.inference"
     target: str  # imported module (a symbol import resolved to its module), e.g. "bundle"
     lazy: bool  # imported inside a function, not at module level
     names: tuple[str, ...] = ()  # names taken with `from target import ...`

@@ -115,7 +115,7 @@ class RetrievalTask:
     exclude: Csr  # per user: items they clicked in training (never recommended back)
 
 
-def retrieval_task(train: SplitData, data: SplitData, times: np.ndarray, item_col: int) -> RetrievalTask:
+def retrieval_task(train: SplitData, data: SplitData, times: np.ndarray, item_column: int) -> RetrievalTask:
     """The users of `data` with at least one positive, queried at their first positive's moment."""
     positive = (data.label > 0).numpy()
     positive_rows = np.flatnonzero(positive)
@@ -125,10 +125,10 @@ def retrieval_task(train: SplitData, data: SplitData, times: np.ndarray, item_co
     users, first = np.unique(data.user_key[by_user_time], return_index=True)
     queries = data.select(torch.from_numpy(by_user_time[first]))
     truth = pairs_to_csr(np.searchsorted(users, data.user_key[positive_rows]),
-                         data.categorical[positive_rows, item_col].numpy(), len(users))
+                         data.categorical[positive_rows, item_column].numpy(), len(users))
     train_rows = np.flatnonzero((train.label > 0).numpy())
     train_users = train.user_key[train_rows]
     known = np.isin(train_users, users)
     exclude = pairs_to_csr(np.searchsorted(users, train_users[known]),
-                           train.categorical[train_rows[known], item_col].numpy(), len(users))
+                           train.categorical[train_rows[known], item_column].numpy(), len(users))
     return RetrievalTask(users, queries, truth, exclude)

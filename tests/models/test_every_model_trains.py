@@ -36,7 +36,7 @@ def _objective(model: torch.nn.Module, data: SplitData) -> tuple[torch.nn.Module
     if isinstance(model, TwoTower):
         positives = data.select(torch.nonzero(data.label > 0).squeeze(1))
         counts = torch.bincount(positives.categorical[:, 1], minlength=31).double() + 1
-        return InBatchRetrieval(model, torch.log(counts / counts.sum()), item_field=1), positives
+        return InBatchRetrieval(model, torch.log(counts / counts.sum()), item_column=1), positives
     return Pointwise(model), data
 
 

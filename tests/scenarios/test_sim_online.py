@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recforge.config import GenerateConfig
-from recforge.simulate.online import (
+from recforge.synthetic.online import (
     CLICK_DELAY_S,
     SCROLL_S,
     build_events,
@@ -15,7 +15,7 @@ from recforge.simulate.online import (
     draw_requests,
     shown_items,
 )
-from recforge.simulate.world import DEVICES, SECONDS_PER_DAY, build_world, period_start
+from recforge.synthetic.world import DEVICES, SECONDS_PER_DAY, build_world, period_start
 
 
 @pytest.fixture(scope="module")

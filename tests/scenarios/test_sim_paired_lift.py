@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recforge.scenarios.ab import paired_lift
-from recforge.simulate.online import DayTraffic, Requests
+from recforge.synthetic.online import DayTraffic, Requests
 
 
 def _traffic(prob: np.ndarray) -> DayTraffic:

@@ -11,7 +11,7 @@ import pytest
 
 from recforge.serve.batching import MicroBatcher
 from recforge.serve.canary import CanaryMonitor, CanaryThresholds
-from recforge.serve.models import typed_id
+from recforge.serve.inference import typed_id
 from recforge.serve.settings import ServeSettings
 from recforge.serve.user_state import MemoryUserState
 

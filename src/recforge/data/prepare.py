@@ -192,27 +192,27 @@ def prepare(
     categorical = np.stack([vocabs[f].encode(events.column(f)) for f in fields], axis=1).astype(np.int64)
     numeric, mean, std = _standardized(events, schema.numeric, train_mask)
 
-    item_col = fields.index(schema.item)
+    item_column = fields.index(schema.item)
     item_feature_cols = [fields.index(f) for f in schema.item_features]
     item_vocab: Vocab = vocabs[schema.item]
     item_features = _item_feature_table(
-        categorical[train_mask, item_col],
+        categorical[train_mask, item_column],
         categorical[train_mask][:, item_feature_cols],
         times[train_mask],
         item_vocab.size,
     )
-    train_item_counts = np.bincount(categorical[train_mask, item_col], minlength=item_vocab.size)
+    train_item_counts = np.bincount(categorical[train_mask, item_column], minlength=item_vocab.size)
 
     negatives_meta: dict[str, Any] | None = None
     if schema.label.kind == "implicit":
         categorical, numeric, labels, times, user_key, split, negatives_meta = _add_negatives(
             categorical, numeric, labels, times, user_key, item_key, split,
-            item_col=item_col, item_feature_cols=item_feature_cols, item_features=item_features,
+            item_column=item_column, item_feature_cols=item_feature_cols, item_features=item_features,
             train_item_counts=train_item_counts, num_item_keys=num_item_keys, cfg=negatives_cfg, seed=seed,
         )
 
     history_values, history_offsets = build_histories(
-        user_key, times, categorical[:, item_col], labels, history_length)
+        user_key, times, categorical[:, item_column], labels, history_length)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -329,7 +329,7 @@ def _add_negatives(
     item_key: np.ndarray,
     split: np.ndarray,
     *,
-    item_col: int,
+    item_column: int,
     item_feature_cols: list[int],
     item_features: np.ndarray,
     train_item_counts: np.ndarray,
@@ -350,7 +350,7 @@ def _add_negatives(
         raise DataError("no items in the training split to sample negatives from")
     # Map each candidate vocabulary index to its global item key (any row carrying it will do).
     key_of_index = np.full(len(train_item_counts), -1, dtype=np.int64)
-    key_of_index[categorical[:, item_col]] = item_key
+    key_of_index[categorical[:, item_column]] = item_key
     candidate_keys = key_of_index[candidate_idx]
     if cfg.strategy == "popularity":
         weights = train_item_counts[candidate_idx].astype(np.float64) ** cfg.alpha
@@ -362,7 +362,7 @@ def _add_negatives(
     )
     wanted = len(labels) * cfg.per_positive
     neg_cat = categorical[owner].copy()
-    neg_cat[:, item_col] = candidate_idx[choice]
+    neg_cat[:, item_column] = candidate_idx[choice]
     if item_feature_cols:
         neg_cat[:, item_feature_cols] = item_features[candidate_idx[choice]]
     meta = {"strategy": cfg.strategy, "per_positive": cfg.per_positive, "alpha": cfg.alpha,

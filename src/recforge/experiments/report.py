@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from scipy.stats import norm
 
 from recforge.experiments import stats
-from recforge.experiments.events import ExperimentData, VariantUsers, load_experiment
+from recforge.experiments.outcomes import ExperimentData, VariantUsers, load_experiment
 
 # metric -> (numerator, denominator) of per-user totals. CTR first: it is the primary metric.
 Metric = Callable[[VariantUsers], tuple[NDArray[np.float64], NDArray[np.float64]]]

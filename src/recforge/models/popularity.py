@@ -17,10 +17,10 @@ from recforge.metrics import fit_platt
 
 
 class PopularityRanker(nn.Module):
-    def __init__(self, positives_per_item: torch.Tensor, item_field: int, scale: float, bias: float):
+    def __init__(self, positives_per_item: torch.Tensor, item_column: int, scale: float, bias: float):
         super().__init__()
         self.register_buffer("log_positives", torch.log1p(positives_per_item.float()))
-        self.item_field = item_field
+        self.item_column = item_column
         self.scale = scale
         self.bias = bias
 
@@ -31,17 +31,17 @@ class PopularityRanker(nn.Module):
         history_values: Optional[torch.Tensor] = None,  # noqa: UP045 - TorchScript needs Optional
         history_offsets: Optional[torch.Tensor] = None,  # noqa: UP045
     ) -> torch.Tensor:
-        items = categorical[:, self.item_field].clamp(0, self.log_positives.shape[0] - 1)
+        items = categorical[:, self.item_column].clamp(0, self.log_positives.shape[0] - 1)
         return self.log_positives[items] * self.scale + self.bias
 
 
-def fit_popularity(categorical: np.ndarray, labels: np.ndarray, item_field: int, num_items: int) -> PopularityRanker:
+def fit_popularity(categorical: np.ndarray, labels: np.ndarray, item_column: int, num_items: int) -> PopularityRanker:
     """Count positives per item on the training rows and calibrate log1p(count) to probabilities.
 
     Index 0 (unknown items) keeps whatever count the training rows give it, normally zero.
     """
-    items = categorical[:, item_field]
+    items = categorical[:, item_column]
     positives = np.bincount(items, weights=labels, minlength=num_items)
     score = np.log1p(positives[items])
     scale, bias = fit_platt(score, labels)
-    return PopularityRanker(torch.from_numpy(positives), item_field, float(scale), float(bias))
+    return PopularityRanker(torch.from_numpy(positives), item_column, float(scale), float(bias))

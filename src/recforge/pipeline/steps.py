@@ -106,17 +106,17 @@ def evaluate(cycle: Cycle) -> dict[str, Any]:
     prepared = cfg.resolved_prepared_dir
     test = SplitData.load(prepared, "test")
     challenger = bundle_module.load_bundle(exported["bundle"])
-    item_col = challenger.layout.item_column
+    item_column = challenger.layout.item_column
     train_split = SplitData.load(prepared, "train")
     features = feature_layout(prepared)
     popularity = fit_popularity(train_split.categorical.numpy(), train_split.label.numpy().astype(np.float64),
-                                item_col, features.cardinalities[item_col])
+                                item_column, features.cardinalities[item_column])
     arrays = {
         "label": test.label.numpy().astype(np.float64),
         "user_key": np.asarray(test.user_key),
         "challenger": predict_logits(challenger.module, test, cfg.train.eval_batch_size),
         "popularity": predict_logits(popularity, test, cfg.train.eval_batch_size),
-        "challenger_item_known": item_known(test, item_col),
+        "challenger_item_known": item_known(test, item_column),
     }
     version, path = _champion(cycle.cfg)
     notes: dict[str, Any] = {}

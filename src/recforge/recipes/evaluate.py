@@ -36,9 +36,9 @@ def evaluate_run(
                                    history_offsets=torch.zeros(len(data) + 1, dtype=torch.long))
     train_data = SplitData.load(prepared, "train")
     features = feature_layout(prepared)
-    item_field = features.item_column
+    item_column = features.item_column
     popularity = fit_popularity(train_data.categorical.numpy(), train_data.label.numpy().astype(np.float64),
-                                item_field, features.cardinalities[item_field])
+                                item_column, features.cardinalities[item_column])
     results = {
         "model": evaluate(model, data, cfg.train.eval_batch_size),
         "popularity": evaluate(popularity, data, cfg.train.eval_batch_size),

@@ -30,9 +30,9 @@ def popularity_tables(prepared: Path, features: FeatureLayout) -> dict[str, np.n
     train_data = SplitData.load(prepared, "train")
     positive = (train_data.label > 0).numpy()
     categorical = train_data.categorical.numpy()[positive]
-    item_col = features.item_column
-    n_items = features.cardinalities[item_col]
-    items = categorical[:, item_col]
+    item_column = features.item_column
+    n_items = features.cardinalities[item_column]
+    items = categorical[:, item_column]
     tables = {"overall": np.bincount(items, minlength=n_items).astype(np.float32)}
     for col in features.columns("context"):
         rows = features.cardinalities[col]

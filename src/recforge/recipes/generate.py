@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from recforge.config import Config
-from recforge.simulate.logs import generate as generate_world
+from recforge.synthetic.logs import generate as generate_world
 
 
 def generate(cfg: Config) -> dict[str, Any]:

@@ -52,10 +52,10 @@ def in_batch_retrieval(model: nn.Module, train_data: SplitData, features: Featur
     positives = train_data.select(torch.nonzero(train_data.label > 0).squeeze(1))
     if len(positives) == 0:
         raise ValueError("the training split has no positive rows to train a retrieval model on")
-    item_field = features.item_column
-    counts = torch.bincount(positives.categorical[:, item_field], minlength=features.cardinalities[item_field])
+    item_column = features.item_column
+    counts = torch.bincount(positives.categorical[:, item_column], minlength=features.cardinalities[item_column])
     log_q = torch.log((counts.double() + 1.0) / (counts.sum() + len(counts)))
-    return positives, InBatchRetrieval(model, log_q, item_field, cfg.model.retrieval_loss)
+    return positives, InBatchRetrieval(model, log_q, item_column, cfg.model.retrieval_loss)
 
 
 def ranking_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:
@@ -74,7 +74,7 @@ def ranking_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> V
 
 def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:
     """Full-catalog Recall/NDCG@20 on the valid split (a two-tower model's own goal), loaded on first use."""
-    item_col = features.item_column
+    item_column = features.item_column
     kind = model_entry(cfg.model.name).kind
     loaded: list[tuple[RetrievalTask, torch.Tensor]] = []
 
@@ -84,7 +84,7 @@ def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) ->
         if not loaded:
             valid = SplitData.load(prepared, "valid")
             times = np.load(prepared / "valid" / "timestamp.npy")
-            loaded.append((retrieval_task(SplitData.load(prepared, "train"), valid, times, item_col),
+            loaded.append((retrieval_task(SplitData.load(prepared, "train"), valid, times, item_column),
                            item_catalog(prepared, features)))
         task, catalog = loaded[0]
         device = next(model.parameters()).device

@@ -58,17 +58,17 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     if not is_retrieval(run_cfg):
         raise ValueError(f"{run_dir} holds a {run_cfg.model.name} model; retrieval evaluation needs two_tower")
     features = feature_layout(prepared)
-    item_col = features.item_column
-    num_items = features.cardinalities[item_col]
+    item_column = features.item_column
+    num_items = features.cardinalities[item_column]
     train = SplitData.load(prepared, "train")
     data = SplitData.load(prepared, split)
 
     times = np.load(prepared / split / "timestamp.npy")
-    task = retrieval_task(train, data, times, item_col)
+    task = retrieval_task(train, data, times, item_column)
     users, queries, truth, exclude = task.users, task.queries, task.truth, task.exclude
     train_pos = (train.label > 0).numpy()
     train_users = train.user_key[train_pos]
-    train_items = train.categorical[train_pos.nonzero()[0], item_col].numpy()
+    train_items = train.categorical[train_pos.nonzero()[0], item_column].numpy()
 
     with torch.no_grad():
         hv = queries.history_values if queries.history_values is not None else torch.zeros(0, dtype=torch.long)
@@ -156,7 +156,7 @@ def recommend_users(
     vocabs = load_vocabs(prepared / "vocab")
     meta = read_json(prepared / "meta.json")
     schema = retrieval_cfg.data.schema_
-    user_col, item_col = features.column("user"), features.item_column
+    user_col, item_column = features.column("user"), features.item_column
     context = dict(context or {})
     unknown = sorted(set(context) - set(schema.context))
     if unknown:
@@ -170,7 +170,7 @@ def recommend_users(
         categorical[:, column] = int(vocabs[field].encode(pa.array([value], pa.string()))[0])
     numeric = torch.zeros((len(users), len(features.numeric)))  # standardized features at their mean
 
-    clicked = _clicks_by_user(prepared, user_col, item_col, encoded_users)
+    clicked = _clicks_by_user(prepared, user_col, item_column, encoded_users)
     history_length = int(meta.get("history_length") or 0)
     histories = [items[-history_length:] if history_length else np.zeros(0, np.int64) for items in clicked]
     values, offsets = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
@@ -210,14 +210,14 @@ def recommend_users(
     return out
 
 
-def _clicks_by_user(prepared: Path, user_col: int, item_col: int, encoded_users: np.ndarray) -> list[np.ndarray]:
+def _clicks_by_user(prepared: Path, user_col: int, item_column: int, encoded_users: np.ndarray) -> list[np.ndarray]:
     """Each requested (known) user's clicked item indices over all splits, oldest first."""
     cats, times = [], []
     for split in ("train", "valid", "test"):
         categorical = np.load(prepared / split / "categorical.npy", mmap_mode="r")
         label = np.load(prepared / split / "label.npy", mmap_mode="r")
         mask = (label > 0) & np.isin(categorical[:, user_col], encoded_users[encoded_users > 0])
-        cats.append(np.asarray(categorical[mask][:, [user_col, item_col]]))
+        cats.append(np.asarray(categorical[mask][:, [user_col, item_column]]))
         times.append(np.asarray(np.load(prepared / split / "timestamp.npy", mmap_mode="r")[mask]))
     pairs, when = np.concatenate(cats), np.concatenate(times)
     order = np.lexsort((when, pairs[:, 0]))

@@ -20,7 +20,7 @@ from recforge.scenarios import harness
 from recforge.scenarios.harness import Log
 from recforge.scenarios.settings import SimulateConfig
 from recforge.serve.events import export_report
-from recforge.simulate.online import DayTraffic, FeedClient, draw_requests, play_day
+from recforge.synthetic.online import DayTraffic, FeedClient, draw_requests, play_day
 
 WEAK, STRONG = "weak", "strong"
 # Random streams: traffic of the test, its clicks, and the prediction's traffic and clicks.

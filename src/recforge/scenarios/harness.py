@@ -25,8 +25,8 @@ import httpx
 
 from recforge.runtime import die_with_parent, free_port
 from recforge.scenarios.settings import SimulateConfig
-from recforge.simulate.world import World
 from recforge.storage import write_text
+from recforge.synthetic.world import World
 
 Log = Callable[[str], None]
 

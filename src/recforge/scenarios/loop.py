@@ -26,9 +26,9 @@ from recforge.scenarios import harness
 from recforge.scenarios.harness import Log
 from recforge.scenarios.settings import SimulateConfig
 from recforge.serve.events import export_report
-from recforge.simulate.online import DayTraffic, FeedClient, draw_requests, play_day
-from recforge.simulate.world import SECONDS_PER_DAY, period_start
 from recforge.storage import read_json, write_text
+from recforge.synthetic.online import DayTraffic, FeedClient, draw_requests, play_day
+from recforge.synthetic.world import SECONDS_PER_DAY, period_start
 
 _SPLITS = ("train", "valid", "test")
 

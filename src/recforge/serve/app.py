@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 
 from recforge.serve.lifecycle import Lifecycle
 from recforge.serve.middleware import BodyLimit, validation_error
-from recforge.serve.routes import admin, events, health, models
+from recforge.serve.routes import admin, events, health, model_routes
 from recforge.serve.routes.deps import exposure
 from recforge.serve.service import Service
 from recforge.serve.settings import ADMIN_TOKEN_ENV, ServeSettings
@@ -45,7 +45,7 @@ def create_app(settings: ServeSettings, service: Service | None = None, board: W
     app.state.service = svc
     app.state.lifecycle = lifecycle
     app.include_router(health.router(settings))
-    app.include_router(models.router(settings))
+    app.include_router(model_routes.router(settings))
     app.include_router(events.router)
     app.include_router(admin.router)
     health.add_docs(app, exposure(settings, settings.docs))

@@ -108,7 +108,7 @@ class Lifecycle:
         import torch
 
         # One thread per model call; parallelism comes from the model thread pool and from batching.
-        # (FAISS gets the same setting when a retrieval bundle loads: serve/models.py.)
+        # (FAISS gets the same setting when a retrieval bundle loads: serve/inference.py.)
         torch.set_num_threads(1)
         if self.settings.workers > 1:
             self.service.spawn(self.follow_events())

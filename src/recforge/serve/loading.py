@@ -21,10 +21,10 @@ import torch
 from recforge import registry
 from recforge.serve import ab
 from recforge.serve.experiment_config import ExperimentsFile
-from recforge.serve.metrics import ServeMetrics
-from recforge.serve.models import LoadedModel, encode_items, item_key_strings, load_model, warm_up
+from recforge.serve.inference import LoadedModel, encode_items, item_key_strings, load_model, warm_up
 from recforge.serve.routing import KINDS
 from recforge.serve.settings import ServeSettings
+from recforge.serve.telemetry import ServeMetrics
 
 log = logging.getLogger("recforge.serve")
 Key = tuple[str, int]  # (kind, version)

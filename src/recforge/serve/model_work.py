@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from recforge.serve.batching import MicroBatcher
+from recforge.serve.inference import ModelError, Query, Ranked, RawId, recommend_batch, score_items
 from recforge.serve.loading import Snapshot
-from recforge.serve.metrics import ServeMetrics
-from recforge.serve.models import ModelError, Query, Ranked, RawId, recommend_batch, score_items
 from recforge.serve.routing import Route, production_route
+from recforge.serve.telemetry import ServeMetrics
 
 log = logging.getLogger("recforge.serve")
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from recforge.serve.events import EventStoreFull, StoredEvent
-from recforge.serve.metrics import ServeMetrics
+from recforge.serve.telemetry import ServeMetrics
 from recforge.serve.user_state import SeenEvent, UserStateStore
 
 log = logging.getLogger("recforge.serve")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from recforge.serve import ab
-from recforge.serve.models import RawId
+from recforge.serve.inference import RawId
 
 if TYPE_CHECKING:
     from recforge.serve.loading import Snapshot

@@ -22,13 +22,13 @@ from recforge import registry
 from recforge.serve.canary import CanaryGuard, CanaryThresholds
 from recforge.serve.events import EventStore, EventStoreFull, encode_event, timestamp_problem
 from recforge.serve.experiment_config import experiments_from
+from recforge.serve.inference import Query, RawId
 from recforge.serve.loading import Loader, Snapshot
-from recforge.serve.metrics import ServeMetrics
 from recforge.serve.model_work import Job, ModelWork, Served
-from recforge.serve.models import Query, RawId
 from recforge.serve.online import OnlineState, plain
 from recforge.serve.routing import Route, route_user
 from recforge.serve.settings import ServeSettings
+from recforge.serve.telemetry import ServeMetrics
 from recforge.serve.user_state import MemoryUserState
 
 log = logging.getLogger("recforge.serve")

@@ -12,7 +12,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Protocol
 
-from recforge.serve.models import RawId
+from recforge.serve.inference import RawId
 
 # (event type, user id, item id) of an accepted event.
 SeenEvent = tuple[str, RawId, RawId]

@@ -31,19 +31,19 @@ class InBatchRetrieval(nn.Module):
     `item_log_q` holds log of each item's share of training positives (index = item vocabulary id).
     """
 
-    def __init__(self, model: TwoTower, item_log_q: torch.Tensor, item_field: int, loss: str = "softmax"):
+    def __init__(self, model: TwoTower, item_log_q: torch.Tensor, item_column: int, loss: str = "softmax"):
         super().__init__()
         if loss not in ("softmax", "bpr"):
             raise ValueError(f"unknown retrieval loss '{loss}' (expected softmax or bpr)")
         self.model = model
         self.register_buffer("item_log_q", item_log_q.float())
-        self.item_field = item_field
+        self.item_column = item_column
         self.loss = loss
 
     def forward(self, categorical, numeric, label, history_values, history_offsets):  # noqa: ANN001, ANN201
         user = self.model.user_vector(categorical, numeric, history_values, history_offsets)
         item = self.model.item_vector(categorical.index_select(1, self.model.item_columns))
-        item_ids = categorical[:, self.item_field]
+        item_ids = categorical[:, self.item_column]
         if self.loss == "bpr":
             negative = item.roll(1, dims=0)  # another row's item: an in-batch negative
             return bpr((user * item).sum(-1), (user * negative).sum(-1))

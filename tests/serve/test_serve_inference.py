@@ -14,7 +14,7 @@ from recforge.config import ModelConfig
 from recforge.data.vocab import Vocab
 from recforge.features import FeatureLayout
 from recforge.models import build_model
-from recforge.serve.models import Query, encode_requests, load_model, popular
+from recforge.serve.inference import Query, encode_requests, load_model, popular
 
 
 def _ranker_bundle(out: Path) -> Path:
@@ -45,7 +45,7 @@ def test_a_bundle_from_another_environment_is_reported_as_drift(tmp_path: Path,
 def test_loaded_model_encodes_requests_and_decodes_item_ids(tmp_path: Path) -> None:
     reg.publish(tmp_path / "registry", _ranker_bundle(tmp_path / "b"), "ranker")
     loaded = load_model(tmp_path / "registry", "ranker", 1)
-    assert loaded.drift == [] and loaded.user_col == 0 and loaded.item_cols == [1]
+    assert loaded.drift == [] and loaded.user_col == 0 and loaded.item_columns == [1]
     # Vocabulary order is by training count: "11" (twice) first; keys come back as JSON ints where canonical.
     assert list(loaded.item_keys) == [None, 11, 10, "x"]
     requests = encode_requests(loaded, [Query(8, {}, 3, False, (), ()), Query("nobody", {}, 3, False, (), ())])

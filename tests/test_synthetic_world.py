@@ -12,8 +12,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from recforge.config import GenerateConfig
-from recforge.simulate.logs import LOG_SCHEMA, generate, generate_log
-from recforge.simulate.world import (
+from recforge.synthetic.logs import LOG_SCHEMA, generate, generate_log
+from recforge.synthetic.world import (
     DEVICES,
     SECONDS_PER_DAY,
     World,

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from recforge.simulate.logs import PREFERRED_DEVICE_SHARE, draw_weighted
-from recforge.simulate.world import DEVICES, SECONDS_PER_DAY, World, period_start
+from recforge.synthetic.logs import PREFERRED_DEVICE_SHARE, draw_weighted
+from recforge.synthetic.world import DEVICES, SECONDS_PER_DAY, World, period_start
 
 # Seconds between two slots as the user scrolls, and from seeing an item to clicking it.
 SCROLL_S = 2

@@ -72,13 +72,13 @@ class LoadedModel:
     categorical: list[str]
     user_col: int | None
     context_cols: dict[str, int]
-    item_cols: list[int]
+    item_columns: list[int]
     item_fields: list[str]
     num_numeric: int
     history_length: int
     item_vocab: VocabTable
     item_keys: np.ndarray  # raw ids per item row (object), row 0 None
-    catalog: np.ndarray | None  # [item rows, len(item_cols)] int64, or None when the bundle has no item catalog
+    catalog: np.ndarray | None  # [item rows, len(item_columns)] int64, or None when the bundle has no item catalog
     popularity: dict[str, np.ndarray] = field(default_factory=dict)
     drift: list[str] = field(default_factory=list)
 
@@ -107,8 +107,8 @@ def load_model(registry_root: str | Path, name: str, version: int) -> LoadedMode
         faiss.omp_set_num_threads(1)  # one thread per model call, like torch (serve/lifecycle.py)
     layout = bundle.layout
     categorical, roles = list(layout.categorical), list(layout.field_roles)
-    item_cols = layout.item_columns
-    item_field = layout.field_name("item")
+    item_columns = layout.item_columns
+    item_name = layout.field_name("item")
     catalog = getattr(bundle, "item_features", None)
     popularity = dict(getattr(bundle, "popularity", None) or {})
     env_file = path / "env.json"
@@ -118,14 +118,14 @@ def load_model(registry_root: str | Path, name: str, version: int) -> LoadedMode
         name=name, version=int(version), bundle=bundle, categorical=categorical,
         user_col=roles.index("user") if "user" in roles else None,
         context_cols={categorical[i]: i for i, role in enumerate(roles) if role == "context"},
-        item_cols=item_cols, item_fields=[categorical[i] for i in item_cols],
+        item_columns=item_columns, item_fields=[categorical[i] for i in item_columns],
         num_numeric=len(layout.numeric), history_length=history_length,
-        item_vocab=bundle.vocab[item_field], item_keys=_typed_keys(bundle.vocab[item_field]),
+        item_vocab=bundle.vocab[item_name], item_keys=_typed_keys(bundle.vocab[item_name]),
         catalog=None if catalog is None else np.asarray(catalog, dtype=np.int64), popularity=popularity, drift=drift)
 
 
 def encode_items(target: LoadedModel, keys: Sequence[str | None], source: LoadedModel | None) -> np.ndarray:
-    """[len(keys), len(target.item_cols)]: `target`'s item columns for raw item ids.
+    """[len(keys), len(target.item_columns)]: `target`'s item columns for raw item ids.
 
     From the target's own catalog when it has one; otherwise item features are carried over from
     `source`'s catalog by raw value (the item id column is always the target's own row).
@@ -133,7 +133,7 @@ def encode_items(target: LoadedModel, keys: Sequence[str | None], source: Loaded
     rows = np.asarray(target.item_vocab.lookup(list(keys)), dtype=np.int64)
     if target.catalog is not None:
         return target.catalog[rows]
-    out = np.zeros((len(keys), len(target.item_cols)), dtype=np.int64)
+    out = np.zeros((len(keys), len(target.item_columns)), dtype=np.int64)
     out[:, 0] = rows
     if source is None or source.catalog is None:
         return out
@@ -263,7 +263,7 @@ def recommend_batch(retrieval: LoadedModel, ranker: LoadedModel, pair_catalog: t
                 candidates, retrieval_scores = retrieve(encode_requests(retrieval, batch),
                                                         retrieval.bundle.module.user_vector, index, candidates_n,
                                                         exclude)
-                logits = rank(encode_requests(ranker, batch), candidates, ranker.bundle.module, ranker.item_cols,
+                logits = rank(encode_requests(ranker, batch), candidates, ranker.bundle.module, ranker.item_columns,
                               pair_catalog)
         except Exception as exc:  # a broken model can raise anything; the caller decides (canary fallback)
             raise ModelError(f"{retrieval.name} v{retrieval.version} / {ranker.name} v{ranker.version} failed: "
@@ -307,7 +307,7 @@ def score_items(ranker: LoadedModel, scoring_catalog: np.ndarray, query: Query, 
     requests = encode_requests(ranker, [query])
     count = len(ids)
     categorical = requests.categorical.expand(count, -1).clone()
-    categorical[:, ranker.item_cols] = torch.from_numpy(scoring_catalog[rows[known]])
+    categorical[:, ranker.item_columns] = torch.from_numpy(scoring_catalog[rows[known]])
     numeric = requests.numeric.expand(count, -1).contiguous()
     values, offsets = requests.history_values, requests.history_offsets
     if offsets.numel() == 2:
@@ -332,5 +332,5 @@ def warm_up(retrieval: LoadedModel | None, ranker: LoadedModel | None, pair_cata
             requests = encode_requests(retrieval, [query])
             with torch.no_grad():
                 candidates, _ = retrieve(requests, retrieval.bundle.module.user_vector, index, min(4, index.count))
-                rank(encode_requests(ranker, [query]), candidates, ranker.bundle.module, ranker.item_cols,
+                rank(encode_requests(ranker, [query]), candidates, ranker.bundle.module, ranker.item_columns,
                      pair_catalog)

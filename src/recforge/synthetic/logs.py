@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recforge.config import GenerateConfig
-from recforge.simulate.world import (
+from recforge.storage import atomic_open
+from recforge.synthetic.world import (
     DEVICES,
     FEED_SLOTS,
     LOG_STREAM,
@@ -32,7 +33,6 @@ from recforge.simulate.world import (
     build_world,
     period_start,
 )
-from recforge.storage import atomic_open
 
 # Feed sources per slot: global popularity, the user's categories, uniform exploration.
 _SOURCE_SHARE = np.array([0.45, 0.45, 0.10])

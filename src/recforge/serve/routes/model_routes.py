@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 
+from recforge.serve.inference import ModelError
 from recforge.serve.loading import NotReady
-from recforge.serve.models import ModelError
 from recforge.serve.routes.deps import ERRORS, MODELS_NOT_LOADED, Svc, json_content
 from recforge.serve.schemas import (
     RecommendRequest,
