@@ -239,18 +239,32 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def split_assignment(text: str, what: str, form: str) -> tuple[str, str]:
+    """`NAME=VALUE` -> (NAME stripped, VALUE as given): the one parser behind every `key=value` input.
+
+    Config overrides, `--context`, `--field`, `--set` and `--weights` all read this shape; one parser
+    means one rule (the first `=` splits, the name must not be empty) and one way to fail: a
+    ValueError `{what} {text!r} is not {form}` that names the flag and the form it expects.
+    """
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"{what} {text!r} is not {form}")
+    return name.strip(), value
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`key.sub=value` strings -> nested dict; values are parsed as YAML (so 3, 1e-3, [1,2], true work)."""
     tree: dict[str, Any] = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            key, raw = split_assignment(item, "override", "of the form key=value")
+        except ValueError:  # the message quotes the override as written, whatever quotes it contains
+            raise ConfigError(f"override '{item}' is not of the form key=value") from None
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
-        _set_dotted(tree, key.strip(), value)
+        _set_dotted(tree, key, value)
     return tree
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.stats import norm
 
+from recforge.config import split_assignment
 from recforge.experiments import stats
 from recforge.experiments.outcomes import ExperimentData, VariantUsers, load_experiment
 
@@ -46,14 +47,13 @@ def parse_weights(text: str | None, variants: list[str]) -> list[float] | None:
     if not text:
         return None
     weights: dict[str, float] = {}
+    form = "VARIANT=WEIGHT, e.g. control=50,treatment=50"
     for part in text.split(","):
-        name, sep, value = part.partition("=")
+        name, value = split_assignment(part, "--weights part", form)
         try:
-            weights[name.strip()] = float(value)
+            weights[name] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"--weights part {part!r} is not VARIANT=WEIGHT, e.g. control=50,treatment=50")
+            raise ValueError(f"--weights part {part!r} is not {form}") from None
     missing = [v for v in variants if v not in weights]
     extra = [w for w in weights if w not in variants]
     if missing or extra:

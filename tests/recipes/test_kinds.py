@@ -16,7 +16,7 @@ from recforge.models import MODELS, build_model, model_entry
 from recforge.recipes.kinds import KIND_RECIPES, kind_recipe
 from recforge.train.objectives import InBatchRetrieval, Pointwise
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "recforge"
+SRC = Path(__file__).resolve().parents[2] / "src" / "recforge"
 LAYOUT = FeatureLayout(("user", "item", "hour"), (6, 8, 4), ("position",), ("user", "item", "context"))
 
 
