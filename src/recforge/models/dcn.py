@@ -25,10 +25,8 @@ class DCNv2(nn.Module):
         width = embeddings.num_fields * embeddings.dim + num_numeric
         if cross.in_dim != width:
             raise ValueError(f"cross network width {cross.in_dim} != fields*dim + numeric = {width}")
-        first = next((m for m in mlp.layers if isinstance(m, nn.Linear)), None)
         mlp_in = cross.out_dim if structure == "stacked" else width
-        if first is not None and first.in_features != mlp_in:
-            raise ValueError(f"MLP input width {first.in_features} != {mlp_in} expected for a {structure} DCN-V2")
+        mlp.expect_input(mlp_in, f"{mlp_in} expected for a {structure} DCN-V2")
         self.embeddings = embeddings
         self.cross = cross
         self.mlp = mlp

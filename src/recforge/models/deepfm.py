@@ -23,9 +23,7 @@ class DeepFM(nn.Module):
                 f"{first_order.dim} and cardinalities {first_order.cardinalities} vs {embeddings.cardinalities}"
             )
         expected = embeddings.num_fields * embeddings.dim + num_numeric
-        first = next((m for m in mlp.layers if isinstance(m, nn.Linear)), None)
-        if first is not None and first.in_features != expected:
-            raise ValueError(f"MLP input width {first.in_features} != fields*dim + numeric = {expected}")
+        mlp.expect_input(expected, f"fields*dim + numeric = {expected}")
         self.embeddings = embeddings
         self.first_order = first_order
         # Without numeric features there is nothing to weigh; None keeps a zero-width Linear out.

@@ -18,9 +18,7 @@ class DNNRanker(nn.Module):
     def __init__(self, embeddings: FusedEmbedding, mlp: MLP, num_numeric: int):
         super().__init__()
         expected = embeddings.num_fields * embeddings.dim + num_numeric
-        first = next((m for m in mlp.layers if isinstance(m, nn.Linear)), None)
-        if first is not None and first.in_features != expected:
-            raise ValueError(f"MLP input width {first.in_features} != fields*dim + numeric = {expected}")
+        mlp.expect_input(expected, f"fields*dim + numeric = {expected}")
         self.embeddings = embeddings
         self.mlp = mlp
         self.head = nn.Linear(mlp.out_dim, 1)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from recforge.data.batches import SplitData
+from recforge.features import FeatureLayout
 from recforge.metrics import fit_platt
 
 
@@ -33,6 +35,13 @@ class PopularityRanker(nn.Module):
     ) -> torch.Tensor:
         items = categorical[:, self.item_column].clamp(0, self.log_positives.shape[0] - 1)
         return self.log_positives[items] * self.scale + self.bias
+
+
+def popularity_baseline(train: SplitData, layout: FeatureLayout) -> PopularityRanker:
+    """The baseline every model is compared with, fit on a prepared training split."""
+    item_column = layout.item_column
+    return fit_popularity(train.categorical.numpy(), train.label.numpy().astype(np.float64), item_column,
+                          layout.cardinalities[item_column])
 
 
 def fit_popularity(categorical: np.ndarray, labels: np.ndarray, item_column: int, num_items: int) -> PopularityRanker:

@@ -9,6 +9,7 @@ from torch import nn
 class MLP(nn.Module):
     def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0):
         super().__init__()
+        self.in_dim = in_dim
         layers: list[nn.Module] = []
         width = in_dim
         for size in hidden:
@@ -21,6 +22,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def expect_input(self, width: int, expected: str) -> None:
+        """Refuse to be composed onto an input of another width: the mismatch would otherwise surface as a
+        shape error on the first batch, far from the builder that caused it. (An MLP with no hidden layer
+        passes its input through and takes any width.)"""
+        if len(self.layers) and self.in_dim != width:
+            raise ValueError(f"MLP input width {self.in_dim} != {expected}")
 
 
 class Tower(nn.Module):

@@ -21,7 +21,7 @@ from recforge import bundle as bundle_module
 from recforge import registry as reg
 from recforge.data.batches import SplitData
 from recforge.evaluate import predict_logits
-from recforge.models.popularity import fit_popularity
+from recforge.models.popularity import popularity_baseline
 from recforge.pipeline import gate as gate_module
 from recforge.pipeline.cycle import Cycle, crash_point
 from recforge.pipeline.holdout import encode_for_bundle, item_known
@@ -109,8 +109,7 @@ def evaluate(cycle: Cycle) -> dict[str, Any]:
     item_column = challenger.layout.item_column
     train_split = SplitData.load(prepared, "train")
     features = feature_layout(prepared)
-    popularity = fit_popularity(train_split.categorical.numpy(), train_split.label.numpy().astype(np.float64),
-                                item_column, features.cardinalities[item_column])
+    popularity = popularity_baseline(train_split, features)
     arrays = {
         "label": test.label.numpy().astype(np.float64),
         "user_key": np.asarray(test.user_key),

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from recforge.config import Config
 from recforge.data.batches import SplitData
 from recforge.evaluate import evaluate
-from recforge.models.popularity import fit_popularity
+from recforge.models.popularity import popularity_baseline
 from recforge.recipes.runs import Log, feature_layout, load_run_config, load_trained_model, warn_environment_drift
 from recforge.storage import write_json
 
@@ -36,9 +35,7 @@ def evaluate_run(
                                    history_offsets=torch.zeros(len(data) + 1, dtype=torch.long))
     train_data = SplitData.load(prepared, "train")
     features = feature_layout(prepared)
-    item_column = features.item_column
-    popularity = fit_popularity(train_data.categorical.numpy(), train_data.label.numpy().astype(np.float64),
-                                item_column, features.cardinalities[item_column])
+    popularity = popularity_baseline(train_data, features)
     results = {
         "model": evaluate(model, data, cfg.train.eval_batch_size),
         "popularity": evaluate(popularity, data, cfg.train.eval_batch_size),

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from recforge.experiments.plot import png_figure
 from recforge.experiments.report import ab_report
 from recforge.scenarios import harness
 from recforge.scenarios.harness import Log
@@ -115,18 +116,8 @@ def run_ab(cfg: SimulateConfig, log: Log) -> dict[str, Any]:
 
 def plot_ab(result: dict[str, Any], path: Path) -> Path:
     """Left: each arm's measured CTR (with CI) beside its ground-truth expected CTR. Right: lift vs prediction."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from recforge.storage import write_bytes
-
     arms = list(result["arms"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    try:
+    with png_figure(path, 1, 2, figsize=(10, 4)) as (fig, (left, right)):
         x = np.arange(len(arms))
         ctr = [result["arms"][a]["ctr"] for a in arms]
         err = np.array([[c - result["arms"][a]["ctr_ci"][0], result["arms"][a]["ctr_ci"][1] - c]
@@ -149,10 +140,4 @@ def plot_ab(result: dict[str, Any], path: Path) -> Path:
         right.set_ylabel("relative CTR lift, strong vs weak (%)")
         right.set_title(f"winner: {result['winner']} (p={result['p_value']:.2g})")
         right.legend(fontsize=8)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    write_bytes(path, buffer.getvalue())
     return path

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from recforge.experiments.plot import png_figure
 from recforge.scenarios import harness
 from recforge.scenarios.harness import Log
 from recforge.scenarios.settings import SimulateConfig
@@ -188,19 +189,9 @@ def _day_record(i: int, day: int, date: str, traffic: DayTraffic, initial_ctr: f
 
 def plot_loop(result: dict[str, Any], path: Path) -> Path:
     """Ground-truth and measured CTR per simulated day, each day's gate decision marked."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from recforge.storage import write_bytes
-
     days = result["days"]
     x = [d["day"] for d in days]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    try:
+    with png_figure(path, figsize=(8, 4)) as (fig, ax):
         ax.plot(x, result["ctr_per_day"], "o-", label="ground-truth CTR of what was served")
         ax.plot(x, result["ctr_initial_model_per_day"], "s:", color="grey",
                 label="ground-truth CTR of the first ranker, same requests")
@@ -216,10 +207,4 @@ def plot_loop(result: dict[str, Any], path: Path) -> Path:
         ax.set_title("closed loop: serve -> events -> pipeline -> canary -> promote")
         ax.legend(fontsize=8, loc="lower right")
         ax.margins(y=0.3)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    write_bytes(path, buffer.getvalue())
     return path

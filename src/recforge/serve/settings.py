@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from recforge.config import Strict
 
 ENV_PREFIX = "RECFORGE_SERVE_"
 ADMIN_TOKEN_ENV = "RECFORGE_ADMIN_TOKEN"
@@ -45,10 +47,8 @@ def admin_token_from(env: Mapping[str, str]) -> str | None:
     return token
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(Strict):
     """How one server process loads, routes, limits and watches its models."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     registry: str = Field(..., description="Registry root the models are resolved from.")
     host: str = "127.0.0.1"
