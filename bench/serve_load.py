@@ -715,6 +715,7 @@ def main(argv: list[str] | None = None) -> None:
         write_request_data(world, data)
         script.write_text(LUA)
         log = REPO / ".bench" / "serve_load_server.log"
+        log.parent.mkdir(parents=True, exist_ok=True)  # absent when --registry points elsewhere
         out = measure(args, data, script, log)
         if not args.no_index_study and world.get("indexes"):
             out["index"] = run_index_study(data, args.registry)

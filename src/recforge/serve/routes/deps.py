@@ -34,11 +34,12 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _service(request: Request) -> Service:
+# async on purpose: FastAPI runs a plain-def dependency in its thread pool, a thread hop on every request.
+async def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-def _lifecycle(request: Request) -> Lifecycle:
+async def _lifecycle(request: Request) -> Lifecycle:
     return request.app.state.lifecycle
 
 
@@ -61,7 +62,7 @@ def exposure(settings: ServeSettings, level: Exposure) -> Exposure:
     return "off" if level == "admin" and not settings.admin_token else level
 
 
-def require_admin(svc: Svc, authorization: str | None = Header(None)) -> None:
+async def require_admin(svc: Svc, authorization: str | None = Header(None)) -> None:
     if not svc.settings.admin_token:
         raise HTTPException(403, f"admin routes are disabled: set {ADMIN_TOKEN_ENV} to enable them")
     if not token_matches(svc.settings, authorization):
