@@ -243,7 +243,7 @@ def _recforge_scorer(model: Any) -> Any:
 
 
 def run_recforge(data: tuple[np.ndarray, ...], optimizer: str, amp: str) -> dict[str, Any]:
-    from recforge.train.trainer import train
+    from recforge.train.trainer import TrainOptions, train
 
     Xtr, ytr, Xva, yva = data
     cfg = _train_config(optimizer, amp)
@@ -253,7 +253,7 @@ def run_recforge(data: tuple[np.ndarray, ...], optimizer: str, amp: str) -> dict
     # as a real run's would be (tmpfs would hide the cost of writing them).
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="run-", dir=CACHE.parent) as run_dir, _Meter() as meter:
-        result = train(model, split, None, cfg, run_dir=run_dir, seed=0, log=lambda _: None)
+        result = train(model, split, None, cfg, TrainOptions(run_dir, seed=0, log=lambda _: None))
     record = meter.record(len(ytr))
     record["allocator_in_process"] = "tuned by train() (TrainConfig.tune_allocator)" if cfg.tune_allocator else None
     # The headline figure is the epoch loop (data pipeline included), as the peers are timed;

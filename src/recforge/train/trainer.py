@@ -178,7 +178,7 @@ def _any_rank(flag: bool, dist_ctx: DistContext, device: torch.device) -> bool:
 class TrainOptions:
     """How one run is carried out, as opposed to what it learns (TrainConfig).
 
-    These are decided per invocation by the caller (jobs.py, a test), not by the config file: where the
+    These are decided per invocation by the caller (a recipe, a test), not by the config file: where the
     run writes, its seed, whether it continues a checkpoint, its place in a DDP job, its loss and where
     its log lines go. One value keeps train()'s signature short and lets callers build it once.
     """
