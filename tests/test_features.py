@@ -94,8 +94,19 @@ def test_prepare_writes_the_layout_its_meta_describes(tmp_path: Path):
                       "device": rng.choice(["ios", "web"], n), "category": items % 3,
                       "position": rng.integers(0, 5, n), "label": rng.integers(0, 2, n)})
     info = prepare(validate(table, schema).clean, schema, SplitConfig(), VocabConfig(), NegativesConfig(),
-                   tmp_path / "prepared", seed=1)
+                   tmp_path / "prepared", seed=1, history_length=7)
     written = FeatureLayout.load(info.path / FEATURES_FILE)
     assert written == FeatureLayout.from_prepared_meta(info.meta)
     assert set(written.field_roles) == {"user", "item", "context", "item_feature"}
     assert written.numeric == ("position",)
+    assert written.history_length == 7  # models, runs and the server read the history length from here
+
+
+def test_history_length_is_recorded_but_not_part_of_the_identity(tmp_path: Path):
+    """Layouts written before it was recorded read as 0, and a run's resume digest does not change with it."""
+    with_history = FeatureLayout(LAYOUT.categorical, LAYOUT.cardinalities, LAYOUT.numeric, LAYOUT.roles, 20)
+    with_history.save(tmp_path / FEATURES_FILE)
+    assert FeatureLayout.load(tmp_path).history_length == 20
+    old = {key: value for key, value in with_history.to_dict().items() if key != "history_length"}
+    assert FeatureLayout.from_dict(old).history_length == 0
+    assert with_history.identity() == LAYOUT.identity()

@@ -1,5 +1,6 @@
 """The feature layout: which categorical columns are the user, the item, context and item features,
-which numeric columns there are, and how many rows each field's vocabulary has.
+which numeric columns there are, how many rows each field's vocabulary has, and how long the user
+histories (each row's last clicked items) are.
 
 Prepare writes it beside the arrays (features.json), a run copies it, a model is built from it and
 a bundle carries it, so the server reads the same layout the model was trained on instead of
@@ -7,9 +8,9 @@ re-deriving it from a config or a meta file. It is a leaf: the server imports it
 layer, and every layer reads the same class.
 
 On disk it is the JSON object older recforge versions wrote as features.json (`categorical`,
-`cardinalities`, `numeric`, `roles`), now with a `layout_version`. `load` also reads files written
-before either existed: a features.json without `layout_version` or `roles`, and a prepared
-directory that has only its meta.json.
+`cardinalities`, `numeric`, `roles`), now with `history_length` and a `layout_version`. `load` also
+reads files written before those existed: a features.json without `layout_version`, `roles` or
+`history_length` (0: no histories), and a prepared directory that has only its meta.json.
 
 `vocab_remap` is the one rule for carrying rows between two vocabularies of a field (a champion's
 and a challenger's, a retrieval model's and a ranker's): by raw key.
@@ -42,6 +43,10 @@ class FeatureLayout:
     # Role of each categorical field: user, item, context or item_feature. Empty in layouts written
     # before roles were recorded: then field 0 is the user, field 1 the item, the rest context.
     roles: tuple[str, ...] = ()
+    # Clicked items per row's history (0: the data carries none). Not part of `identity()`: histories are
+    # an input a run was prepared with, already in its data digest, and runs from before it was recorded
+    # here must keep resuming.
+    history_length: int = 0
 
     def __post_init__(self) -> None:
         for name in ("categorical", "cardinalities", "numeric", "roles"):
@@ -92,7 +97,8 @@ class FeatureLayout:
     def to_dict(self) -> dict[str, Any]:
         """The features.json object."""
         return {"categorical": list(self.categorical), "cardinalities": list(self.cardinalities),
-                "numeric": list(self.numeric), "roles": list(self.roles), "layout_version": LAYOUT_VERSION}
+                "numeric": list(self.numeric), "roles": list(self.roles), "history_length": self.history_length,
+                "layout_version": LAYOUT_VERSION}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = FEATURES_FILE) -> FeatureLayout:
@@ -106,7 +112,8 @@ class FeatureLayout:
             raise ValueError(f"{where}: not a feature layout, missing {', '.join(missing)}")
         try:
             return cls(tuple(str(c) for c in data["categorical"]), tuple(int(c) for c in data["cardinalities"]),
-                       tuple(str(n) for n in data["numeric"]), tuple(str(r) for r in data.get("roles") or ()))
+                       tuple(str(n) for n in data["numeric"]), tuple(str(r) for r in data.get("roles") or ()),
+                       int(data.get("history_length") or 0))
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
 
@@ -116,7 +123,8 @@ class FeatureLayout:
         try:
             fields, numeric = meta["fields"], meta["numeric"]
             return cls(tuple(str(f["name"]) for f in fields), tuple(int(f["cardinality"]) for f in fields),
-                       tuple(str(n["name"]) for n in numeric), tuple(str(f["role"]) for f in fields))
+                       tuple(str(n["name"]) for n in numeric), tuple(str(f["role"]) for f in fields),
+                       int(meta.get("history_length") or 0))
         except KeyError as exc:
             raise ValueError(f"{where}: not a prepared dataset's meta, missing {exc}") from None
         except ValueError as exc:

@@ -25,7 +25,7 @@ from recforge.index import ItemIndex
 from recforge.models import model_entry
 from recforge.recipes.runs import feature_layout, item_catalog, load_run_config, load_trained_model
 from recforge.recommend import Requests, recommend
-from recforge.storage import read_json, write_json
+from recforge.storage import write_json
 
 
 def build_item_index(
@@ -154,7 +154,6 @@ def recommend_users(
     index = ItemIndex.load(index_dir) if (index_dir / "index.json").is_file() else build_item_index(
         tower, prepared, features, index_dir)
     vocabs = load_vocabs(prepared / "vocab")
-    meta = read_json(prepared / "meta.json")
     schema = retrieval_cfg.data.schema_
     user_col, item_column = features.column("user"), features.item_column
     context = dict(context or {})
@@ -171,7 +170,7 @@ def recommend_users(
     numeric = torch.zeros((len(users), len(features.numeric)))  # standardized features at their mean
 
     clicked = _clicks_by_user(prepared, user_col, item_column, encoded_users)
-    history_length = int(meta.get("history_length") or 0)
+    history_length = features.history_length
     histories = [items[-history_length:] if history_length else np.zeros(0, np.int64) for items in clicked]
     values, offsets = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     if history_length:

@@ -82,7 +82,7 @@ def _train_model(cfg: Config, *, resume: bool = False, resume_from: str | None =
         seed_everything(cfg.seed)
         features = feature_layout(prepared)
         prepared_meta = read_json(prepared / "meta.json")
-        if model_entry(cfg.model.name).needs_history and not prepared_meta.get("history_length"):
+        if model_entry(cfg.model.name).needs_history and not features.history_length:
             raise ValueError(f"model {cfg.model.name} needs user histories: set data.history_length (e.g. 20) "
                              "and run `recforge data prepare` again")
         model = build_model(features, cfg.model, sparse=cfg.train.sparse_embeddings)

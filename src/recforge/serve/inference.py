@@ -113,7 +113,8 @@ def load_model(registry_root: str | Path, name: str, version: int) -> LoadedMode
     popularity = dict(getattr(bundle, "popularity", None) or {})
     env_file = path / "env.json"
     drift = environment_drift(read_json(env_file)) if env_file.is_file() else []
-    history_length = int(((bundle.config.get("data") or {}).get("history_length")) or 0)
+    # Bundles exported before the layout recorded it carry it in their training config only.
+    history_length = layout.history_length or int(((bundle.config.get("data") or {}).get("history_length")) or 0)
     return LoadedModel(
         name=name, version=int(version), bundle=bundle, categorical=categorical,
         user_col=roles.index("user") if "user" in roles else None,
