@@ -131,3 +131,14 @@ def test_quickstart_json_replaces_the_tables_with_one_object(tmp_path: Path) -> 
     assert set(result["test"]) == {"model", "popularity"}
     assert result["rows_kept"] <= result["rows_read"] == result["generate"]["rows"]
     assert Path(result["run_dir"]).is_dir()
+
+
+def test_data_generate_and_prepare_print_one_json_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two commands whose stdout is JSON even without the flag: with it, still exactly one value."""
+    monkeypatch.chdir(tmp_path)
+    world = [f"workdir={tmp_path}", "data.generate.users=60", "data.generate.items=40",
+             "data.generate.events=3000", "data.generate.days=4"]
+    generated = _one_json(["data", "generate", *world, "--json"])
+    prepared = _one_json(["data", "prepare", *world, "--json"])
+    assert generated["rows"] == 3000 and len(generated["files"]) == 4
+    assert prepared["rows"] == 3000 and sum(prepared["splits"].values()) == 3000

@@ -327,7 +327,8 @@ def _times_table(times: pa.Array) -> pa.Table:
 
 def test_auto_unit_reads_each_number_in_the_unit_of_its_magnitude(caplog: pytest.LogCaptureFixture) -> None:
     ints = [INSTANT, INSTANT * 1000 + 999, INSTANT * 10**6 + 5, INSTANT * 10**9 + 123_456_789, 0, 9_223_372_036]
-    texts = [str(v) for v in ints] + [f"{INSTANT}000.5", "1767261600123456789"]
+    # 1767261600999999999: a float64 rounds it to ...601; the last second before the next one must stay
+    texts = [str(v) for v in ints] + [f"{INSTANT}000.5", "1767261600123456789", "1767261600999999999"]
     floats = [float(INSTANT), INSTANT * 1000.0 + 1.5, INSTANT * 1e6, INSTANT * 1e9]
     with caplog.at_level("WARNING", logger="recforge.data.validate"):
         for times in (pa.array(ints, pa.int64()), pa.array(texts), pa.array(floats), pa.array(ints, pa.uint64())):

@@ -65,3 +65,15 @@ def test_no_module_branches_on_the_two_tower_class():
                     "TwoTower" in ast.unparse(node):
                 found.append(f"{path.relative_to(SRC)}:{node.lineno}")
     assert found == []
+
+
+def test_a_retrieval_metric_on_a_ranking_model_is_refused_before_training(tmp_path):
+    """The validator is refused when it is made (no data read, no epoch trained), naming the metric."""
+    from recforge import config
+    from recforge.features import FeatureLayout
+    from recforge.recipes.kinds import validator_for
+
+    cfg = config.load(None, ["model.name=dnn", "train.early_stopping_metric=recall@20"])
+    layout = FeatureLayout(("user_id", "item_id"), (3, 4), (), ("user", "item"))
+    with pytest.raises(ValueError, match="early_stopping_metric=recall@20 needs a retrieval model"):
+        validator_for(tmp_path / "no-such-prepared-dir", layout, cfg)

@@ -178,3 +178,16 @@ def test_train_options_take_a_str_run_dir(tmp_path):
     assert options.run_dir == tmp_path / "run"
     result = train(_model(), _toy_split(300, seed=1), None, _cfg(epochs=1), options)
     assert result.run_dir == tmp_path / "run" and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_optimizer_step_counts_a_step_the_scaler_skipped():
+    """inf gradients: GradScaler skips the update and lowers the scale; the step is counted, the weights stay."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    skipped = torch.zeros(())
+    before = model.weight.detach().clone()
+    optimizer_step(model(torch.full((4, 3), float("inf"))).sum(), [opt], scaler, skipped)
+    assert skipped.item() == 1 and torch.equal(model.weight, before)
+    optimizer_step(model(torch.ones(4, 3)).sum(), [opt], scaler, skipped)
+    assert skipped.item() == 1 and not torch.equal(model.weight, before)

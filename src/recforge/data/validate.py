@@ -42,7 +42,9 @@ REPORT_VERSION = 1
 
 _KEPT = -1
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
-_INTEGER = r"^[+-]?\d{1,18}$"
+_INTEGER = r"^[+-]?\d{1,19}$"
+# A 19-digit integer fits int64 when its digits compare <= these (same length: text order is number order).
+_INT64_MAX_DIGITS = str(np.iinfo(np.int64).max)
 _ISO = (
     r"^(?P<date>\d{4}-\d{2}-\d{2})"
     r"(?:[T ](?P<clock>\d{2}:\d{2}(?::\d{2})?)(?P<fraction>\.\d+)?)?"
@@ -322,8 +324,13 @@ def _to_unix_seconds(
         raise _type_error(name, kind, "timestamps")
     text = pc.utf8_trim_whitespace(column)
     # Integers are parsed as integers so that large values keep every digit.
-    is_int = pc.match_substring_regex(text, _INTEGER)
+    # Every nanosecond time since 2001 has 19 digits: as a float64 it would lose up to ~256 ns and round
+    # into the next second, so integer text that fits int64 takes the exact path; larger text goes on as a
+    # float, which is far out of range anyway.
     unsigned = pc.replace_substring_regex(text, r"^\+", "")
+    digits = pc.replace_substring_regex(unsigned, r"^-", "")
+    fits = pc.or_(pc.less(pc.utf8_length(digits), 19), pc.less_equal(digits, _INT64_MAX_DIGITS))
+    is_int = pc.and_(pc.match_substring_regex(text, _INTEGER), fits)
     as_int = pc.cast(_null_if(pc.invert(is_int), unsigned), pa.int64())
     int_seconds, int_out, int_code = _numbers_to_seconds(as_int, unit)
     floats = _parse_numbers(_null_if(is_int, text))

@@ -74,13 +74,13 @@ def ranking_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> V
 
 def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:
     """Full-catalog Recall/NDCG@20 on the valid split (a two-tower model's own goal), loaded on first use."""
+    # Refused when the validator is made, before training starts, not after the first epoch.
+    if model_entry(cfg.model.name).kind != "retrieval":
+        raise ValueError("train.early_stopping_metric=recall@20 needs a retrieval model (two_tower)")
     item_column = features.item_column
-    kind = model_entry(cfg.model.name).kind
     loaded: list[tuple[RetrievalTask, torch.Tensor]] = []
 
     def run(model: nn.Module) -> dict[str, float]:
-        if kind != "retrieval":
-            raise ValueError("train.early_stopping_metric=recall@20 needs a retrieval model (two_tower)")
         if not loaded:
             valid = SplitData.load(prepared, "valid")
             times = np.load(prepared / "valid" / "timestamp.npy")

@@ -54,9 +54,9 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     run_dir = cfg.resolved_run_dir
     run_cfg = load_run_config(run_dir)
     prepared = run_cfg.resolved_prepared_dir
-    model = load_trained_model(run_dir)
-    if not is_retrieval(run_cfg):
+    if not is_retrieval(run_cfg):  # the config says it: no need to load the weights to refuse
         raise ValueError(f"{run_dir} holds a {run_cfg.model.name} model; retrieval evaluation needs two_tower")
+    model = load_trained_model(run_dir)
     features = feature_layout(prepared)
     item_column = features.item_column
     num_items = features.cardinalities[item_column]
@@ -145,9 +145,9 @@ def recommend_users(
     if ranking_cfg.resolved_prepared_dir.resolve() != prepared.resolve():
         raise ValueError(f"the retrieval run ({retrieval_run}) and the ranking run ({ranking_run}) were trained "
                          "on different prepared datasets; their item ids do not match")
-    tower = load_trained_model(retrieval_run)
     if not is_retrieval(retrieval_cfg):
         raise ValueError(f"{retrieval_run} holds a {retrieval_cfg.model.name} model, not two_tower")
+    tower = load_trained_model(retrieval_run)
     ranker = load_trained_model(ranking_run)
     features = feature_layout(prepared)
     index_dir = retrieval_run / "index"

@@ -96,9 +96,10 @@ def optimizer_step(
     """Backward and update; with a GradScaler (fp16), count skipped steps into `skipped`.
 
     GradScaler skips the update when gradients hold inf/nan and then lowers the scale, so a step
-    was skipped exactly when the scale went down. The scale is read with the public get_scale():
-    it syncs with the device, but GradScaler.step() has already synced on its inf check, so this
-    adds no stall; `skipped` itself stays a device tensor, read only at logging points.
+    was skipped exactly when the scale went down. The scale is compared on the device, as
+    `scaler.scale(1)` before and after update(): get_scale() would wait for the optimizer kernels
+    every step, and GradScaler's own scale tensor is private. `skipped` stays a device tensor, read
+    only at logging points. (A disabled scaler returns its input, so nothing counts as skipped.)
     """
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -110,10 +111,10 @@ def optimizer_step(
     scaler.scale(loss).backward()
     for opt in optimizers:
         scaler.step(opt)
-    scale_before = scaler.get_scale()
+    unit = torch.ones((), device=loss.device)
+    scale_before = scaler.scale(unit)
     scaler.update()
-    if scaler.get_scale() < scale_before:
-        skipped += 1
+    skipped += scaler.scale(unit) < scale_before
 
 
 def _improved(metric: str, value: float, best: float | None) -> bool:
