@@ -13,7 +13,7 @@ import pytest
 
 from recforge import bundle
 from recforge.config import NegativesConfig, SchemaConfig, SplitConfig, VocabConfig
-from recforge.data.prepare import prepare
+from recforge.data.prepare import PrepareOptions, prepare
 from recforge.data.validate import validate
 from recforge.features import FEATURES_FILE, LAYOUT_VERSION, FeatureLayout, row_keys, vocab_remap
 
@@ -94,7 +94,7 @@ def test_prepare_writes_the_layout_its_meta_describes(tmp_path: Path):
                       "device": rng.choice(["ios", "web"], n), "category": items % 3,
                       "position": rng.integers(0, 5, n), "label": rng.integers(0, 2, n)})
     info = prepare(validate(table, schema).clean, schema, SplitConfig(), VocabConfig(), NegativesConfig(),
-                   tmp_path / "prepared", seed=1, history_length=7)
+                   tmp_path / "prepared", PrepareOptions(seed=1, history_length=7))
     written = FeatureLayout.load(info.path / FEATURES_FILE)
     assert written == FeatureLayout.from_prepared_meta(info.meta)
     assert set(written.field_roles) == {"user", "item", "context", "item_feature"}

@@ -129,6 +129,18 @@ class GenerateConfig(Strict):
     start_date: str = "2026-01-01"
 
 
+class SparkConfig(Strict):
+    # The Spark master: local[N] on one machine, spark://host:7077, yarn, k8s://https://host:443. Under
+    # spark-submit the master it was given wins (leave this unset there).
+    master: str | None = "local[2]"
+    # Any Spark setting (spark.executor.memory, spark.sql.shuffle.partitions, spark.kubernetes.*, ...).
+    conf: dict[str, str] = Field(default_factory=dict)
+    # Where the job stages its intermediate tables (validated rows, encoded rows) before the shards are
+    # written; None: a hidden folder beside the prepared directory. On a cluster: a path every executor
+    # can write (hdfs://, s3a://, a shared mount).
+    staging_dir: str | None = None
+
+
 class DataConfig(Strict):
     # A file or a directory of files; None means the generated synthetic log under workdir.
     source: str | None = None
@@ -140,6 +152,16 @@ class DataConfig(Strict):
     generate: GenerateConfig = GenerateConfig()
     # Keep each event's last N clicked items before it (for sequence models such as DIN); 0 = none.
     history_length: int = Field(0, ge=0)
+    # Who prepares the log: local = this process (pyarrow + numpy, the embedded default), spark = Spark
+    # jobs (data.spark), for logs beyond one machine's memory. Both write the same sharded dataset.
+    engine: Literal["local", "spark"] = "local"
+    spark: SparkConfig = SparkConfig()
+    # Rows per shard of each prepared split (data/shards.py): the unit a streaming trainer's rank reads.
+    shard_rows: int = Field(1_000_000, ge=1)
+    # Rows per user bucket (data/buckets.py): negatives and histories are built one bucket of users at a
+    # time, each with its own seeded generator, so both engines draw the same negatives and one Spark task
+    # holds one bucket. Changing it changes which negatives are drawn, not their distribution.
+    user_bucket_rows: int = Field(1_000_000, ge=1)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

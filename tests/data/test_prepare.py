@@ -10,8 +10,9 @@ import torch
 from recforge.config import LabelConfig, NegativesConfig, SchemaConfig, SplitConfig, VocabConfig
 from recforge.data.batches import SplitData
 from recforge.data.history import build_histories
-from recforge.data.prepare import assign_splits, prepare
+from recforge.data.prepare import PrepareOptions, assign_splits, prepare
 from recforge.data.schema import DataError
+from recforge.data.shards import concat_shards, split_shards
 from recforge.data.validate import validate
 from recforge.data.vocab import load_vocabs
 from recforge.storage import read_json
@@ -37,12 +38,16 @@ def _log(n: int = 2000, seed: int = 0) -> pa.Table:
 def _prepare(table: pa.Table, tmp_path, schema=SCHEMA, split=SplitConfig(), **kw):
     clean = validate(table, schema).clean
     return prepare(clean, schema, split, kw.pop("vocab", VocabConfig()), kw.pop("neg", NegativesConfig()),
-                   tmp_path / "prepared", seed=1, **kw)
+                   tmp_path / "prepared", PrepareOptions(seed=1, **kw))
+
+
+def _read(prepared, split: str, column: str) -> np.ndarray:
+    return concat_shards(split_shards(prepared, split))[column]
 
 
 def test_time_split_has_no_future_in_train(tmp_path):
     info = _prepare(_log(), tmp_path)
-    times = {s: np.load(info.path / s / "timestamp.npy") for s in ("train", "valid", "test")}
+    times = {s: _read(info.path, s, "timestamp") for s in ("train", "valid", "test")}
     assert times["train"].max() < times["valid"].min() <= times["valid"].max() < times["test"].min()
     rows = {s: len(t) for s, t in times.items()}
     assert sum(rows.values()) == 2000
@@ -94,7 +99,7 @@ def test_layout_and_meta(tmp_path):
     train = SplitData.load(info.path, "train")
     assert train.categorical.shape[1] == 4 and train.numeric.shape[1] == 1
     assert abs(float(train.numeric.mean())) < 1e-3  # standardized with train statistics
-    assert np.load(info.path / "train" / "categorical.npy", mmap_mode="r").dtype == np.int64
+    assert _read(info.path, "train", "categorical").dtype == np.int64
     assert not list(tmp_path.glob(".tmp-*"))
 
 
@@ -103,7 +108,7 @@ def test_rating_threshold_makes_labels(tmp_path):
     schema = SchemaConfig(label=LabelConfig(kind="rating", column="rating", threshold=4.0, min=0.5, max=5.0),
                           context=["device"], item_features=["category"], numeric=["position"])
     info = _prepare(table, tmp_path, schema=schema)
-    labels = np.concatenate([np.load(info.path / s / "label.npy") for s in ("train", "valid", "test")])
+    labels = np.concatenate([_read(info.path, s, "label") for s in ("train", "valid", "test")])
     assert labels.sum() == 1000
 
 
@@ -179,7 +184,7 @@ def test_prepared_histories_round_trip_through_batches(tmp_path):
     table = _log(3000)
     clean = validate(table, SCHEMA).clean
     info = prepare(clean, SCHEMA, SplitConfig(), VocabConfig(), NegativesConfig(), tmp_path / "p",
-                   history_length=5, seed=1)
+                   PrepareOptions(history_length=5, seed=1))
     test = SplitData.load(info.path, "test")
     assert test.history_values is not None
     lengths = (test.history_offsets[1:] - test.history_offsets[:-1]).numpy()
@@ -203,8 +208,9 @@ def test_millisecond_rows_are_converted_before_the_time_split(tmp_path):
     result = validate(log, SCHEMA)
     assert result.report()["time_units"] == {"s": 10_000, "ms": 1_500}
     assert result.rows_kept == 11_500
-    info = prepare(result.clean, SCHEMA, SplitConfig(), VocabConfig(), NegativesConfig(), tmp_path / "p", seed=1)
-    split = {s: np.load(info.path / s / "timestamp.npy") for s in ("train", "valid", "test")}
+    info = prepare(result.clean, SCHEMA, SplitConfig(), VocabConfig(), NegativesConfig(), tmp_path / "p",
+                   PrepareOptions(seed=1))
+    split = {s: _read(info.path, s, "timestamp") for s in ("train", "valid", "test")}
     everything = np.concatenate(list(split.values()))
     assert everything.min() >= 1_700_000_000 and everything.max() < 1_700_000_000 + 10 * 86400
     assert abs(len(split["test"]) - 1_150) <= 10

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from recforge.arrays import gather_ragged
-from recforge.storage import load_array
+from recforge.data.shards import concat_shards, split_shards
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -64,22 +64,24 @@ class SplitData:
 
     @classmethod
     def load(cls, prepared_dir: str | Path, split: str) -> SplitData:
-        base = Path(prepared_dir) / split
-        if not base.is_dir():
-            raise FileNotFoundError(f"prepared split not found: {base} (run `recforge data prepare` first)")
+        """The whole split in memory: every shard of it (data.shards), concatenated in order."""
+        columns = concat_shards(split_shards(prepared_dir, split))
+        return cls.from_columns(split, columns)
 
+    @classmethod
+    def from_columns(cls, split: str, columns: dict[str, np.ndarray]) -> SplitData:
         def tensor(name: str) -> torch.Tensor:
             # Copy out of the memory map: training reads every row each epoch, and a private copy
             # keeps torch from warning about (and writing through) a read-only mapping.
-            return torch.from_numpy(np.array(load_array(base / f"{name}.npy")))
+            return torch.from_numpy(np.array(columns[name]))
 
-        has_history = (base / "history_values.npy").is_file()
+        has_history = "history_values" in columns
         return cls(
             name=split,
             categorical=tensor("categorical"),
             numeric=tensor("numeric"),
             label=tensor("label"),
-            user_key=np.array(load_array(base / "user_key.npy")),
+            user_key=np.array(columns["user_key"]),
             history_values=tensor("history_values") if has_history else None,
             history_offsets=tensor("history_offsets") if has_history else None,
         )

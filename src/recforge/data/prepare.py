@@ -1,10 +1,14 @@
-"""Validated events -> time split -> vocabularies (train only) -> encoded arrays on disk.
+"""Validated events -> time split -> vocabularies (train only) -> encoded, sharded arrays on disk.
 
-The prepared directory is everything training and evaluation read: per split, `categorical.npy`
-[N, F] int64, `numeric.npy` [N, K] float32, `label.npy` float32, `timestamp.npy` int64 and
-`user_key.npy` int64, plus `vocab/`, `items/`, `meta.json` and `features.json` (the feature layout,
-recforge.features). Text is parsed once here; epochs only slice arrays. The directory is built under
-a temporary name and renamed into place, so a reader never sees a half-prepared dataset.
+The prepared directory is everything training and evaluation read: per split, shards of
+memory-mappable .npy columns (data/shards.py: categorical [N, F] int64, numeric [N, K] float32,
+label, timestamp, user_key, histories), plus `vocab/`, `items/`, `meta.json`, `features.json` (the
+feature layout, recforge.features) and `manifest.json`, written last. Text is parsed once here;
+epochs only slice arrays. The directory is built under a temporary name and renamed into place, so a
+reader never sees a half-prepared dataset.
+
+This module is the local engine and the rules both engines share (split cut points, the item-feature
+table, the negative-sampling plan, meta.json); data/spark_engine.py runs the same rules as Spark jobs.
 """
 
 from __future__ import annotations
@@ -21,19 +25,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recforge.arrays import in_sorted
 from recforge.config import NegativesConfig, SchemaConfig, SplitConfig, VocabConfig
-from recforge.data.history import build_histories, take_histories
+from recforge.data.buckets import NegativePlan, bucket_count, merge_buckets, process_bucket, user_bucket
+from recforge.data.history import take_histories
 from recforge.data.schema import DataError
+from recforge.data.shards import COLUMNS, shard_bounds, shard_name, write_manifest, write_shard
 from recforge.data.vocab import Vocab, fit_vocabs, save_vocabs
 from recforge.features import FEATURES_FILE, FeatureLayout
 from recforge.storage import save_array, write_json
 
-PREPARED_SCHEMA_VERSION = 1
+PREPARED_SCHEMA_VERSION = 2  # 2: sharded splits (manifest.json)
 SPLITS = ("train", "valid", "test")
-# Sampling rounds before a negative that keeps hitting the user's own positives is given up on
-# (and counted in meta.json, never dropped silently).
-_NEGATIVE_RESAMPLE_ROUNDS = 20
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,22 @@ def _dense_key(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), len(encoded.dictionary)
 
 
+def cut_ranks(n: int, cfg: SplitConfig) -> tuple[int, int | None]:
+    """Ranks (0-based, in ascending time) of the test and valid cut points of a time split of n rows.
+
+    Both engines take the timestamp at these exact ranks, so their cut points are identical.
+    """
+    test = min(n - 1, int(np.floor(n * (1.0 - cfg.test_fraction))))
+    valid = min(n - 1, int(np.floor(n * (1.0 - cfg.test_fraction - cfg.valid_fraction)))) \
+        if cfg.valid_fraction > 0 else None
+    return test, valid
+
+
 def assign_splits(times: np.ndarray, user_key: np.ndarray, cfg: SplitConfig) -> np.ndarray:
     """0 = train, 1 = valid, 2 = test for each row.
 
-    time: cut points at timestamp quantiles; every event at or after a cut belongs to the later
-    split, so no event of the evaluation period (or a tie with it) leaks into training.
+    time: cut points at timestamp quantiles (cut_ranks); every event at or after a cut belongs to
+    the later split, so no event of the evaluation period (or a tie with it) leaks into training.
     leave_last_out: per user, the last event (ties broken by input order) is test and the one
     before is valid; users with fewer than 3 events contribute only training rows.
     """
@@ -75,11 +88,11 @@ def assign_splits(times: np.ndarray, user_key: np.ndarray, cfg: SplitConfig) -> 
         return split
     if cfg.method == "time":
         ordered = np.sort(times)
-        test_cut = ordered[min(n - 1, int(np.floor(n * (1.0 - cfg.test_fraction))))]
+        test_rank, valid_rank = cut_ranks(n, cfg)
+        test_cut = ordered[test_rank]
         split[times >= test_cut] = 2
-        if cfg.valid_fraction > 0:
-            valid_cut = ordered[min(n - 1, int(np.floor(n * (1.0 - cfg.test_fraction - cfg.valid_fraction))))]
-            split[(times >= valid_cut) & (times < test_cut)] = 1
+        if valid_rank is not None:
+            split[(times >= ordered[valid_rank]) & (times < test_cut)] = 1
         return split
     order = np.lexsort((np.arange(n), times, user_key))
     sorted_users = user_key[order]
@@ -120,40 +133,44 @@ def _item_feature_table(
     return table
 
 
-def sample_negatives(
-    user_key: np.ndarray,
-    candidate_items: np.ndarray,
-    candidate_weights: np.ndarray,
-    forbidden_pairs: np.ndarray,
-    item_key_space: int,
-    per_positive: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each positive (by user), `per_positive` items the user never interacted with.
+def negative_plan(train_item_counts: np.ndarray, key_of_index: np.ndarray, item_features: np.ndarray, *,
+                  item_key_space: int, item_column: int, item_feature_columns: list[int], cfg: NegativesConfig,
+                  seed: int) -> NegativePlan:
+    """Candidates are the items seen in training (never OOV), weighted by count ** alpha or uniformly.
 
-    Returns (row index into the positives, chosen position in candidate_items); negatives that
-    still collide with a user's positives after the resample rounds are left out and their count
-    is what the caller reports. `forbidden_pairs` is the sorted array user_key * item_key_space +
-    item_key of every observed interaction, across all splits.
+    `key_of_index` maps an item-vocabulary index to the item's dense key over the whole log; the
+    user's interactions in ANY split are excluded by key, so a test positive never reappears as a
+    training negative.
     """
-    n = len(user_key) * per_positive
-    owner = np.repeat(np.arange(len(user_key)), per_positive)
-    probs = candidate_weights / candidate_weights.sum()
-    choice = rng.choice(len(candidate_items), size=n, p=probs)
-    pending = np.arange(n)
+    candidate_index = np.flatnonzero(train_item_counts > 0)
+    candidate_index = candidate_index[candidate_index != 0]
+    if len(candidate_index) == 0:
+        raise DataError("no items in the training split to sample negatives from")
+    if cfg.strategy == "popularity":
+        weights = train_item_counts[candidate_index].astype(np.float64) ** cfg.alpha
+    else:
+        weights = np.ones(len(candidate_index))
+    return NegativePlan(candidate_index=candidate_index, candidate_key=key_of_index[candidate_index],
+                        weights=weights, item_features=item_features, item_key_space=item_key_space,
+                        per_positive=cfg.per_positive, item_column=item_column,
+                        item_feature_columns=tuple(item_feature_columns), seed=seed)
 
-    def collides(rows: np.ndarray) -> np.ndarray:
-        return in_sorted(forbidden_pairs, user_key[owner[rows]] * item_key_space + candidate_items[choice[rows]])
 
-    for _ in range(_NEGATIVE_RESAMPLE_ROUNDS):
-        pending = pending[collides(pending)]
-        if len(pending) == 0:
-            break
-        choice[pending] = rng.choice(len(candidate_items), size=len(pending), p=probs)
-    pending = pending[collides(pending)]  # what the last round drew may still collide
-    keep = np.ones(n, dtype=bool)
-    keep[pending] = False
-    return owner[keep], choice[keep]
+def negatives_meta(cfg: NegativesConfig, plan: NegativePlan, sampled: int, unsampleable: int) -> dict[str, Any]:
+    return {"strategy": cfg.strategy, "per_positive": cfg.per_positive, "alpha": cfg.alpha,
+            "sampled": int(sampled), "unsampleable": int(unsampleable), "candidates": int(len(plan.candidate_index))}
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How prepare lays the dataset out and what it records beside it."""
+
+    history_length: int = 0
+    seed: int = 0
+    shard_rows: int = 1_000_000
+    user_bucket_rows: int = 1_000_000
+    source: dict[str, Any] | None = None
+    extra_files: dict[str, Path] | None = None
 
 
 def prepare(
@@ -163,81 +180,120 @@ def prepare(
     vocab_cfg: VocabConfig,
     negatives_cfg: NegativesConfig,
     out_dir: str | Path,
-    *,
-    history_length: int = 0,
-    seed: int = 0,
-    source: dict[str, Any] | None = None,
-    extra_files: dict[str, Path] | None = None,
+    options: PrepareOptions = PrepareOptions(),
 ) -> PreparedInfo:
-    """Turn validated events (see data.validate) into a prepared dataset directory."""
+    """Turn validated events (see data.validate) into a prepared dataset directory (the local engine)."""
     started = time.time()
-    out = Path(out_dir)
     if events.num_rows == 0:
         raise DataError("no valid events to prepare: every row was quarantined (see the validation report)")
     fields = schema.categorical
     times = events.column(schema.time).to_numpy().astype(np.int64)
     user_key, num_users = _dense_key(events.column(schema.user))
     item_key, num_item_keys = _dense_key(events.column(schema.item))
-    labels = make_labels(events, schema)
     split = assign_splits(times, user_key, split_cfg)
-    counts = np.bincount(split, minlength=3)
-    if counts[0] == 0:
-        raise DataError("the split left no training rows; lower split.valid_fraction/test_fraction")
-    if counts[2] == 0:
-        raise DataError("the split left no test rows; raise split.test_fraction or use more data")
+    check_split_counts(np.bincount(split, minlength=3))
 
     train_mask = split == 0
-    train_table = events.filter(pa.array(train_mask))
-    vocabs = fit_vocabs(train_table, fields, vocab_cfg)
+    vocabs = fit_vocabs(events.filter(pa.array(train_mask)), fields, vocab_cfg)
     categorical = np.stack([vocabs[f].encode(events.column(f)) for f in fields], axis=1).astype(np.int64)
     numeric, mean, std = _standardized(events, schema.numeric, train_mask)
-
     item_column = fields.index(schema.item)
     item_feature_cols = [fields.index(f) for f in schema.item_features]
-    item_vocab: Vocab = vocabs[schema.item]
-    item_features = _item_feature_table(
-        categorical[train_mask, item_column],
-        categorical[train_mask][:, item_feature_cols],
-        times[train_mask],
-        item_vocab.size,
-    )
-    train_item_counts = np.bincount(categorical[train_mask, item_column], minlength=item_vocab.size)
-
-    negatives_meta: dict[str, Any] | None = None
+    item_size = vocabs[schema.item].size
+    item_features = _item_feature_table(categorical[train_mask, item_column],
+                                        categorical[train_mask][:, item_feature_cols], times[train_mask], item_size)
+    train_item_counts = np.bincount(categorical[train_mask, item_column], minlength=item_size)
+    plan = None
     if schema.label.kind == "implicit":
-        categorical, numeric, labels, times, user_key, split, negatives_meta = _add_negatives(
-            categorical, numeric, labels, times, user_key, item_key, split,
-            item_column=item_column, item_feature_cols=item_feature_cols, item_features=item_features,
-            train_item_counts=train_item_counts, num_item_keys=num_item_keys, cfg=negatives_cfg, seed=seed,
-        )
+        key_of_index = np.full(item_size, -1, dtype=np.int64)
+        key_of_index[categorical[:, item_column]] = item_key  # any row carrying the index will do
+        plan = negative_plan(train_item_counts, key_of_index, item_features, item_key_space=num_item_keys,
+                             item_column=item_column, item_feature_columns=item_feature_cols, cfg=negatives_cfg,
+                             seed=options.seed)
+    rows = {"categorical": categorical, "numeric": numeric, "label": make_labels(events, schema),
+            "timestamp": times, "user_key": user_key, "item_key": item_key, "split": split,
+            "order": np.arange(len(times), dtype=np.int64)}
+    rows, unsampleable = _by_buckets(rows, plan, options, item_column)
 
-    history_values, history_offsets = build_histories(
-        user_key, times, categorical[:, item_column], labels, history_length)
-
+    out = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
-        columns = {"categorical": categorical, "numeric": numeric, "label": labels, "timestamp": times,
-                   "user_key": user_key}
-        _write_splits(tmp, split, columns, (history_values, history_offsets) if history_length > 0 else None)
-        save_vocabs(vocabs, tmp / "vocab")
-        (tmp / "items").mkdir()
-        save_array(tmp / "items" / "features.npy", item_features)
-        save_array(tmp / "items" / "train_counts.npy", train_item_counts.astype(np.int64))
-        totals = {"users": num_users, "items": num_item_keys, "events": int(events.num_rows)}
-        meta = _meta(schema, vocabs, mean, std, split_cfg, times, split, labels, totals=totals,
-                     negatives=negatives_meta, history_length=history_length, seed=seed, source=source)
-        write_json(tmp / "meta.json", meta)
-        FeatureLayout.from_prepared_meta(meta).save(tmp / FEATURES_FILE)  # what models and runs read
-        for name, path in (extra_files or {}).items():
-            shutil.copy2(path, tmp / name)
-        meta["seconds"] = round(time.time() - started, 3)
-        write_json(tmp / "meta.json", meta)
-        _replace_dir(tmp, out)
+        shards = _write_shards(tmp, rows, options.shard_rows)
+        labels, final_split = rows["label"], rows["split"]
+        meta = prepared_meta(
+            schema, vocabs, mean, std, split_cfg, split_stats=_split_times(rows["timestamp"], final_split),
+            positives={name: int(labels[final_split == code].sum()) for code, name in enumerate(SPLITS)},
+            totals={"users": num_users, "items": num_item_keys, "events": int(events.num_rows),
+                    "rows": int(len(labels))},
+            negatives=negatives_meta(negatives_cfg, plan, int((labels == 0).sum()), unsampleable) if plan else None,
+            options=options)
+        finish_prepared(tmp, out, vocabs=vocabs, item_features=item_features, train_item_counts=train_item_counts,
+                        meta=meta, shards=shards, options=options, engine="local", started=started)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PreparedInfo(out, meta)
 
+
+def check_split_counts(counts: np.ndarray) -> None:
+    if counts[0] == 0:
+        raise DataError("the split left no training rows; lower split.valid_fraction/test_fraction")
+    if counts[2] == 0:
+        raise DataError("the split left no test rows; raise split.test_fraction or use more data")
+
+
+def _by_buckets(rows: dict[str, np.ndarray], plan: NegativePlan | None, options: PrepareOptions,
+                item_column: int) -> tuple[dict[str, np.ndarray], int]:
+    """Negatives and histories one user bucket at a time (data/buckets.py), merged in canonical order."""
+    buckets = bucket_count(len(rows["label"]), options.user_bucket_rows)
+    by_bucket = np.argsort(user_bucket(rows["user_key"], buckets), kind="stable")  # input order within each
+    sizes = np.bincount(user_bucket(rows["user_key"], buckets), minlength=buckets)
+    parts, unsampleable, start = [], 0, 0
+    for bucket, size in enumerate(sizes.tolist()):
+        take = by_bucket[start:start + size]
+        start += size
+        part, missed = process_bucket({name: values[take] for name, values in rows.items()}, bucket, plan,
+                                      history_length=options.history_length, item_column=item_column)
+        parts.append(part)
+        unsampleable += missed
+    return merge_buckets(parts), unsampleable
+
+
+def _write_shards(root: Path, rows: dict[str, np.ndarray], shard_rows: int) -> dict[str, list[dict[str, Any]]]:
+    """Each split's rows (canonical order kept) cut into shards of `shard_rows`."""
+    histories = "history_values" in rows
+    written: dict[str, list[dict[str, Any]]] = {}
+    for code, name in enumerate(SPLITS):
+        members = np.flatnonzero(rows["split"] == code)
+        entries = []
+        for index, (lo, hi) in enumerate(shard_bounds(len(members), shard_rows)):
+            take = members[lo:hi]
+            columns = {column: rows[column][take] for column in COLUMNS}
+            if histories:
+                columns["history_values"], columns["history_offsets"] = take_histories(
+                    rows["history_values"], rows["history_offsets"], take)
+            entries.append(write_shard(root / name / shard_name(index), columns))
+        written[name] = entries
+    return written
+
+
+def finish_prepared(tmp: Path, out: Path, *, vocabs: dict[str, Vocab], item_features: np.ndarray,
+                    train_item_counts: np.ndarray, meta: dict[str, Any], shards: dict[str, list[dict[str, Any]]],
+                    options: PrepareOptions, engine: str, started: float) -> None:
+    """Everything beside the shards, then the manifest (the commit point), then the swap into place."""
+    save_vocabs(vocabs, tmp / "vocab")
+    (tmp / "items").mkdir(exist_ok=True)
+    save_array(tmp / "items" / "features.npy", item_features)
+    save_array(tmp / "items" / "train_counts.npy", train_item_counts.astype(np.int64))
+    layout = FeatureLayout.from_prepared_meta(meta)
+    layout.save(tmp / FEATURES_FILE)  # what models and runs read
+    for name, path in (options.extra_files or {}).items():
+        shutil.copy2(path, tmp / name)
+    meta["engine"] = engine
+    meta["seconds"] = round(time.time() - started, 3)
+    write_json(tmp / "meta.json", meta)
+    write_manifest(tmp, shards, shard_rows=options.shard_rows, features=layout.to_dict(), engine=engine)
+    _replace_dir(tmp, out)
 
 
 def _standardized(events: pa.Table, columns: list[str], train_mask: np.ndarray
@@ -252,25 +308,9 @@ def _standardized(events: pa.Table, columns: list[str], train_mask: np.ndarray
     return ((raw - mean) / std).astype(np.float32), mean, std
 
 
-def _write_splits(root: Path, split: np.ndarray, columns: dict[str, np.ndarray],
-                  histories: tuple[np.ndarray, np.ndarray] | None) -> None:
-    """One folder of memory-mappable arrays per split (and each row's history, values + offsets)."""
-    for code, name in enumerate(SPLITS):
-        rows = np.flatnonzero(split == code)
-        part = root / name
-        part.mkdir()
-        for column, values in columns.items():
-            save_array(part / f"{column}.npy", values[rows])
-        if histories is not None:
-            values, offsets = take_histories(histories[0], histories[1], rows)
-            save_array(part / "history_values.npy", values)
-            save_array(part / "history_offsets.npy", offsets)
-
-
-def _meta(schema: SchemaConfig, vocabs: dict[str, Vocab], mean: np.ndarray, std: np.ndarray,
-          split_cfg: SplitConfig, times: np.ndarray, split: np.ndarray, labels: np.ndarray, *,
-          totals: dict[str, int], negatives: dict[str, Any] | None, history_length: int, seed: int,
-          source: dict[str, Any] | None) -> dict[str, Any]:
+def prepared_meta(schema: SchemaConfig, vocabs: dict[str, Vocab], mean: np.ndarray, std: np.ndarray,
+                  split_cfg: SplitConfig, *, split_stats: dict[str, Any], positives: dict[str, int],
+                  totals: dict[str, int], negatives: dict[str, Any] | None, options: PrepareOptions) -> dict[str, Any]:
     """meta.json: what the prepared arrays mean (fields, scaling, split) and where they came from."""
     return {
         "schema_version": PREPARED_SCHEMA_VERSION,
@@ -285,18 +325,18 @@ def _meta(schema: SchemaConfig, vocabs: dict[str, Vocab], mean: np.ndarray, std:
             for c, m, s in zip(schema.numeric, mean, std, strict=True)
         ],
         "item_features": list(schema.item_features),
-        "history_length": history_length,
+        "history_length": options.history_length,
         "label": schema.label.model_dump(),
         "split": {"method": split_cfg.method, "valid_fraction": split_cfg.valid_fraction,
-                  "test_fraction": split_cfg.test_fraction, **_split_times(times, split)},
-        "positives": {name: int(labels[split == code].sum()) for code, name in enumerate(SPLITS)},
+                  "test_fraction": split_cfg.test_fraction, **split_stats},
+        "positives": positives,
         "users": totals["users"],
         "items": totals["items"],
-        "rows": int(len(labels)),
+        "rows": totals["rows"],
         "events": totals["events"],
         "negatives": negatives,
-        "source": source or {},
-        "seed": seed,
+        "source": options.source or {},
+        "seed": options.seed,
     }
 
 
@@ -318,62 +358,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-
-
-def _add_negatives(
-    categorical: np.ndarray,
-    numeric: np.ndarray,
-    labels: np.ndarray,
-    times: np.ndarray,
-    user_key: np.ndarray,
-    item_key: np.ndarray,
-    split: np.ndarray,
-    *,
-    item_column: int,
-    item_feature_cols: list[int],
-    item_features: np.ndarray,
-    train_item_counts: np.ndarray,
-    num_item_keys: int,
-    cfg: NegativesConfig,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Implicit logs hold positives only: add sampled negatives from items seen in training.
-
-    A negative copies its positive's user, time and context and takes the sampled item's own
-    features. The user's interactions in ANY split are excluded, so a test positive never
-    reappears as a training negative.
-    """
-    rng = np.random.default_rng(seed + 17)
-    candidate_idx = np.flatnonzero(train_item_counts > 0)
-    candidate_idx = candidate_idx[candidate_idx != 0]
-    if len(candidate_idx) == 0:
-        raise DataError("no items in the training split to sample negatives from")
-    # Map each candidate vocabulary index to its global item key (any row carrying it will do).
-    key_of_index = np.full(len(train_item_counts), -1, dtype=np.int64)
-    key_of_index[categorical[:, item_column]] = item_key
-    candidate_keys = key_of_index[candidate_idx]
-    if cfg.strategy == "popularity":
-        weights = train_item_counts[candidate_idx].astype(np.float64) ** cfg.alpha
-    else:
-        weights = np.ones(len(candidate_idx))
-    forbidden = np.unique(user_key * num_item_keys + item_key)
-    owner, choice = sample_negatives(
-        user_key, candidate_keys, weights, forbidden, num_item_keys, cfg.per_positive, rng
-    )
-    wanted = len(labels) * cfg.per_positive
-    neg_cat = categorical[owner].copy()
-    neg_cat[:, item_column] = candidate_idx[choice]
-    if item_feature_cols:
-        neg_cat[:, item_feature_cols] = item_features[candidate_idx[choice]]
-    meta = {"strategy": cfg.strategy, "per_positive": cfg.per_positive, "alpha": cfg.alpha,
-            "sampled": int(len(owner)), "unsampleable": int(wanted - len(owner)),
-            "candidates": int(len(candidate_idx))}
-    return (
-        np.concatenate([categorical, neg_cat]),
-        np.concatenate([numeric, numeric[owner]]),
-        np.concatenate([labels, np.zeros(len(owner), dtype=np.float32)]),
-        np.concatenate([times, times[owner]]),
-        np.concatenate([user_key, user_key[owner]]),
-        np.concatenate([split, split[owner]]),
-        meta,
-    )

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from recforge.config import Config
 from recforge.data.batches import SplitData
+from recforge.data.shards import split_column
 from recforge.evaluate import RetrievalTask, evaluate, full_catalog_metrics, retrieval_task
 from recforge.features import FeatureLayout
 from recforge.models import ModelKind, model_entry
@@ -83,7 +83,7 @@ def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) ->
     def run(model: nn.Module) -> dict[str, float]:
         if not loaded:
             valid = SplitData.load(prepared, "valid")
-            times = np.load(prepared / "valid" / "timestamp.npy")
+            times = split_column(prepared, "valid", "timestamp")
             loaded.append((retrieval_task(SplitData.load(prepared, "train"), valid, times, item_column),
                            item_catalog(prepared, features)))
         task, catalog = loaded[0]

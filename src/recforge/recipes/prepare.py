@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from recforge.config import Config
-from recforge.data.prepare import PreparedInfo, prepare
+from recforge.data.prepare import PreparedInfo, PrepareOptions, prepare
 from recforge.data.sources import read_events
 from recforge.data.validate import ValidationResult, validate, write_outputs
 
@@ -48,10 +48,12 @@ def prepare_data(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
         cfg.data.vocab,
         cfg.data.negatives,
         cfg.resolved_prepared_dir,
-        history_length=cfg.data.history_length,
-        seed=cfg.seed,
-        source={"path": str(source), "format": cfg.data.format, "files": files_read,
-                "validation": result.report()},
-        extra_files={Path(p).name: Path(p) for p in files.values()},
+        PrepareOptions(
+            history_length=cfg.data.history_length, seed=cfg.seed, shard_rows=cfg.data.shard_rows,
+            user_bucket_rows=cfg.data.user_bucket_rows,
+            source={"path": str(source), "format": cfg.data.format, "files": files_read,
+                    "validation": result.report()},
+            extra_files={Path(p).name: Path(p) for p in files.values()},
+        ),
     )
     return info, result

@@ -18,6 +18,7 @@ import torch
 
 from recforge.config import Config
 from recforge.data.batches import SplitData
+from recforge.data.shards import split_column
 from recforge.data.vocab import load_vocabs
 from recforge.evaluate import full_catalog_metrics, retrieval_task
 from recforge.features import FeatureLayout
@@ -63,7 +64,7 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     train = SplitData.load(prepared, "train")
     data = SplitData.load(prepared, split)
 
-    times = np.load(prepared / split / "timestamp.npy")
+    times = split_column(prepared, split, "timestamp")
     task = retrieval_task(train, data, times, item_column)
     users, queries, truth, exclude = task.users, task.queries, task.truth, task.exclude
     train_pos = (train.label > 0).numpy()
@@ -213,11 +214,11 @@ def _clicks_by_user(prepared: Path, user_col: int, item_column: int, encoded_use
     """Each requested (known) user's clicked item indices over all splits, oldest first."""
     cats, times = [], []
     for split in ("train", "valid", "test"):
-        categorical = np.load(prepared / split / "categorical.npy", mmap_mode="r")
-        label = np.load(prepared / split / "label.npy", mmap_mode="r")
+        categorical = split_column(prepared, split, "categorical")
+        label = split_column(prepared, split, "label")
         mask = (label > 0) & np.isin(categorical[:, user_col], encoded_users[encoded_users > 0])
         cats.append(np.asarray(categorical[mask][:, [user_col, item_column]]))
-        times.append(np.asarray(np.load(prepared / split / "timestamp.npy", mmap_mode="r")[mask]))
+        times.append(np.asarray(split_column(prepared, split, "timestamp")[mask]))
     pairs, when = np.concatenate(cats), np.concatenate(times)
     order = np.lexsort((when, pairs[:, 0]))
     pairs = pairs[order]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from recforge.data.shards import split_column
 from recforge.experiments.plot import png_figure
 from recforge.scenarios import harness
 from recforge.scenarios.harness import Log
@@ -49,8 +50,8 @@ def rows_in_training(cycle_dir: Path, day_start: int) -> tuple[int, int]:
         return 0, 0
     rows = clicks = 0
     for split in _SPLITS:
-        times = np.load(prepared / split / "timestamp.npy", mmap_mode="r")
-        labels = np.load(prepared / split / "label.npy", mmap_mode="r")
+        times = split_column(prepared, split, "timestamp")
+        labels = split_column(prepared, split, "label")
         on_day = (times >= day_start) & (times < day_start + SECONDS_PER_DAY)
         rows += int(on_day.sum())
         clicks += int((np.asarray(labels)[on_day] > 0).sum())
