@@ -206,7 +206,8 @@ def prepare(
     plan = None
     if schema.label.kind == "implicit":
         key_of_index = np.full(item_size, -1, dtype=np.int64)
-        key_of_index[categorical[:, item_column]] = item_key  # any row carrying the index will do
+        # The largest key carrying each index (hashed items share one): a rule Spark computes the same way.
+        np.maximum.at(key_of_index, categorical[:, item_column], item_key)
         plan = negative_plan(train_item_counts, key_of_index, item_features, item_key_space=num_item_keys,
                              item_column=item_column, item_feature_columns=item_feature_cols, cfg=negatives_cfg,
                              seed=options.seed)

@@ -63,6 +63,13 @@ def read_events(path: str | Path, fmt: Format, schema: SchemaConfig) -> pa.Table
     against the schema from the parquet footer or the CSV header before any row is read, so a wrong
     file fails fast.
     """
+    files = list_files(path, fmt)
+    tables = [read_file(file, name, file_fmt, schema) for file, name, file_fmt in files]
+    return _concat(tables, [name for _, name, _ in files], Path(path))
+
+
+def list_files(path: str | Path, fmt: Format) -> list[tuple[Path, str, FileFormat]]:
+    """The data files `read_events` reads, in its order: (file, name relative to `path`, format)."""
     if fmt not in _FORMATS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(_FORMATS)}")
     root = Path(path)
@@ -76,11 +83,7 @@ def read_events(path: str | Path, fmt: Format, schema: SchemaConfig) -> pa.Table
     else:
         files = [(root, root.name)]
         formats = [detect_format(root) if fmt == "auto" else fmt]
-    tables = [
-        _read_file(file, name, file_fmt, schema)
-        for (file, name), file_fmt in zip(files, formats, strict=True)
-    ]
-    return _concat(tables, [name for _, name in files], root)
+    return [(file, name, file_fmt) for (file, name), file_fmt in zip(files, formats, strict=True)]
 
 
 def detect_format(path: str | Path) -> FileFormat:
@@ -145,7 +148,8 @@ def _check_not_empty(file: Path) -> None:
         raise DataError(f"{file} is empty: no data rows")
 
 
-def _read_file(file: Path, name: str, fmt: FileFormat, schema: SchemaConfig) -> pa.Table:
+def read_file(file: Path, name: str, fmt: FileFormat, schema: SchemaConfig) -> pa.Table:
+    """One data file with `_file` = `name` and `_row` numbers (see read_events)."""
     _check_not_empty(file)
     with open(file, "rb") as handle:
         is_parquet = handle.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC

@@ -103,14 +103,23 @@ class ValidationResult:
         }
 
 
-def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
-    """Split `table` (as returned by `read_events`) into clean rows and quarantined rows.
+@dataclass(frozen=True)
+class RowChecks:
+    """Every per-row rule applied (all but duplicate_event, which compares rows across the log).
 
-    Clean types: user, item, context and item-feature columns -> string; time -> int64 unix seconds;
-    label -> float64; numeric -> float64. A table without `_file`/`_row` (built in memory) gets
-    `_file = "<table>"` and row numbers 1..n so quarantined rows stay traceable. Rows a reader
-    could not parse (flagged in `_malformed`) are quarantined as malformed_row.
+    `clean` holds the normalized columns for every row; `reason` the index into REASONS of each
+    row's first failure (-1: kept so far); `unit` the TIME_UNITS index its number was read in (-1:
+    not a number). The Spark engine runs this on one file per task and compares rows afterwards.
     """
+
+    table: pa.Table
+    clean: dict[str, pa.ChunkedArray]
+    reason: np.ndarray
+    unit: np.ndarray
+
+
+def check_rows(table: pa.Table, schema: SchemaConfig) -> RowChecks:
+    """Apply every per-row rule to `table` (as returned by `read_events`)."""
     check_columns(table.column_names, schema, "table")
     table = _with_provenance(table)
     n = table.num_rows
@@ -126,7 +135,7 @@ def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
         clean[name] = _to_text(_column(table, name), name)
         reject(f"missing_{role}", _is_null(clean[name]))
 
-    seconds, out_of_range, units = _timestamps(table, schema)
+    seconds, out_of_range, unit = _timestamps(table, schema)
     clean[schema.time] = seconds
     reject("bad_timestamp", _is_null(seconds) & ~out_of_range)
     reject("timestamp_out_of_range", out_of_range)
@@ -150,16 +159,40 @@ def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
         values = _to_float(_column(table, name), name)
         clean[name] = values
         reject("bad_numeric", _is_null(values) | ~_fill(pc.is_finite(values)))
+    return RowChecks(table, clean, reason, unit)
 
+
+def unit_counts(counts: np.ndarray, column: str) -> dict[str, int]:
+    """Rows read in each timestamp unit (counts per TIME_UNITS); a log mixing units is warned about."""
+    units = {name: int(count) for name, count in zip(TIME_UNITS, counts, strict=True) if count}
+    if len(units) > 1:
+        listed = ", ".join(f"{name} {count:,}" for name, count in units.items())
+        _LOG.warning(
+            "column '%s' mixes timestamp units (%s); each value was converted to seconds by its magnitude "
+            "(schema.time_unit=auto)", column, listed,
+        )
+    return units
+
+
+def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
+    """Split `table` (as returned by `read_events`) into clean rows and quarantined rows.
+
+    Clean types: user, item, context and item-feature columns -> string; time -> int64 unix seconds;
+    label -> float64; numeric -> float64. A table without `_file`/`_row` (built in memory) gets
+    `_file = "<table>"` and row numbers 1..n so quarantined rows stay traceable. Rows a reader
+    could not parse (flagged in `_malformed`) are quarantined as malformed_row.
+    """
+    checks = check_rows(table, schema)
+    table, clean, reason = checks.table, checks.clean, checks.reason
     candidates = reason == _KEPT
-    reject("duplicate_event", _later_duplicates(clean, schema, candidates))
+    reason[_later_duplicates(clean, schema, candidates)] = REASONS.index("duplicate_event")
 
     kept = pa.array(reason == _KEPT)
     columns = [*required_columns(schema), "_file", "_row"]
     clean_table = pa.table(
         {name: clean[name] if name in clean else table.column(name) for name in columns}
     ).filter(kept)
-    quarantine = _quarantine(table, schema, reason)
+    quarantine = quarantine_rows(table, schema, reason)
     counts = np.bincount(reason[reason != _KEPT], minlength=len(REASONS))
     null_context = {
         name: int(clean_table.column(name).null_count) for name in [*schema.context, *schema.item_features]
@@ -168,9 +201,10 @@ def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
         clean=clean_table,
         quarantine=quarantine,
         counts={name: int(count) for name, count in zip(REASONS, counts, strict=True)},
-        rows_read=n,
+        rows_read=table.num_rows,
         null_context=null_context,
-        time_units=units,
+        time_units=unit_counts(np.bincount(checks.unit[checks.unit >= 0], minlength=len(TIME_UNITS)),
+                               schema.time),
     )
 
 
@@ -278,27 +312,18 @@ def _to_float(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     raise _type_error(name, kind, "numbers")
 
 
-def _timestamps(table: pa.Table, schema: SchemaConfig) -> tuple[pa.ChunkedArray, np.ndarray, dict[str, int]]:
-    """The time column as seconds, its out-of-range rows and the unit counts (warned when mixed).
+def _timestamps(table: pa.Table, schema: SchemaConfig) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray]:
+    """The time column as seconds, its out-of-range rows and each row's unit code (TIME_UNITS index).
 
     Conversion is range-checked before any cast, so no value can raise; an Arrow error here is
     still turned into one line naming the column and the files, never a bare overflow message.
     """
     name = schema.time
     try:
-        seconds, out_of_range, code = _to_unix_seconds(_column(table, name), name, schema.time_unit)
+        return _to_unix_seconds(_column(table, name), name, schema.time_unit)
     except pa.ArrowException as exc:
         files = ", ".join(str(f) for f in pc.unique(table.column("_file")).to_pylist()[:3])
         raise DataError(f"{files}: column '{name}': cannot read timestamps ({exc})") from exc
-    counts = np.bincount(code[code >= 0], minlength=len(TIME_UNITS))
-    units = {unit: int(count) for unit, count in zip(TIME_UNITS, counts, strict=True) if count}
-    if len(units) > 1:
-        listed = ", ".join(f"{unit} {count:,}" for unit, count in units.items())
-        _LOG.warning(
-            "column '%s' mixes timestamp units (%s); each value was converted to seconds by its magnitude "
-            "(schema.time_unit=auto)", name, listed,
-        )
-    return seconds, out_of_range, units
 
 
 def _to_unix_seconds(
@@ -441,7 +466,7 @@ def _codes(text: pa.ChunkedArray) -> np.ndarray:
     return encoded.indices.to_numpy(zero_copy_only=False)
 
 
-def _quarantine(table: pa.Table, schema: SchemaConfig, reason: np.ndarray) -> pa.Table:
+def quarantine_rows(table: pa.Table, schema: SchemaConfig, reason: np.ndarray) -> pa.Table:
     """Rejected rows with their reason and the original values as text, for a person to read."""
     bad = np.flatnonzero(reason != _KEPT)
     take = pa.array(bad)

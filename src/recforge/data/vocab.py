@@ -126,7 +126,19 @@ class Vocab:
         if min_count < 1:
             raise ValueError(f"vocab '{field}': min_count must be at least 1, got {min_count}")
         counts = pc.value_counts(pc.drop_null(values))
-        table = pa.table({"key": counts.field("values"), "count": counts.field("counts")})
+        return cls.from_counts(field, counts.field("values"), counts.field("counts"), min_count)
+
+    @classmethod
+    def from_counts(cls, field: str, keys: ArrowStrings, counts: pa.Array | pa.ChunkedArray, min_count: int = 1
+                    ) -> Vocab:
+        """The vocabulary of distinct training keys and their counts (however they were counted).
+
+        The one place keys are kept and ordered, so a vocabulary counted by Spark is the one
+        pyarrow would have fit, index for index.
+        """
+        if min_count < 1:
+            raise ValueError(f"vocab '{field}': min_count must be at least 1, got {min_count}")
+        table = pa.table({"key": _as_strings(keys, field), "count": pc.cast(counts, pa.int64())})
         table = table.filter(pc.greater_equal(table["count"], min_count))
         order = pc.sort_indices(table, sort_keys=[("count", "descending"), ("key", "ascending")])
         keys = table["key"].take(order).cast(pa.string())
@@ -200,13 +212,17 @@ class Vocab:
         return cls.from_dict(read_json(path))
 
 
-def fit_vocabs(table: pa.Table, fields: list[str], cfg: VocabConfig) -> dict[str, Vocab]:
-    """Fit one vocabulary per categorical field; pass the TRAINING table only."""
+def check_hash_fields(fields: list[str], cfg: VocabConfig) -> None:
     unknown = sorted(set(cfg.hash_buckets) - set(fields))
     if unknown:
         raise ValueError(
             f"vocab.hash_buckets names field(s) {unknown} that are not categorical fields {sorted(fields)}"
         )
+
+
+def fit_vocabs(table: pa.Table, fields: list[str], cfg: VocabConfig) -> dict[str, Vocab]:
+    """Fit one vocabulary per categorical field; pass the TRAINING table only."""
+    check_hash_fields(fields, cfg)
     missing = [f for f in fields if f not in table.column_names]
     if missing:
         raise ValueError(f"cannot fit vocabularies: column(s) {missing} not in the table")

@@ -24,8 +24,21 @@ class ValidationOutcome:
     files: dict[str, Path]
 
 
+def _spark_job(cfg: Config):  # noqa: ANN202 - SparkJob, imported only for this engine
+    from recforge.data.spark.engine import SparkJob
+
+    data = cfg.data
+    return SparkJob(source=cfg.resolved_source, format=data.format, schema=data.schema_, split=data.split,
+                    vocab=data.vocab, negatives=data.negatives, spark=data.spark)
+
+
 def validate_source(cfg: Config, out_dir: Path | None = None) -> ValidationOutcome:
     """Read the configured log and split it into clean rows and quarantined rows with reasons."""
+    if cfg.data.engine == "spark":
+        from recforge.data.spark.engine import validate_on_spark
+
+        summary, files = validate_on_spark(_spark_job(cfg), out_dir or validation_dir(cfg))
+        return ValidationOutcome(summary, files)
     schema = cfg.data.schema_
     table = read_events(cfg.resolved_source, cfg.data.format, schema)
     result = validate(table, schema)
@@ -35,6 +48,8 @@ def validate_source(cfg: Config, out_dir: Path | None = None) -> ValidationOutco
 
 def prepare_data(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
     """Validate, then split/encode into the prepared directory (quarantine and report go with it)."""
+    if cfg.data.engine == "spark":
+        return _prepare_on_spark(cfg)
     outcome = validate_source(cfg)
     result, files = outcome.result, outcome.files
     schema = cfg.data.schema_
@@ -57,3 +72,15 @@ def prepare_data(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
         ),
     )
     return info, result
+
+
+def _prepare_on_spark(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
+    from recforge.data.spark.engine import prepare_on_spark
+
+    source = cfg.resolved_source
+    info, summary, _ = prepare_on_spark(
+        _spark_job(cfg), cfg.resolved_prepared_dir, validation_dir(cfg),
+        PrepareOptions(history_length=cfg.data.history_length, seed=cfg.seed, shard_rows=cfg.data.shard_rows,
+                       user_bucket_rows=cfg.data.user_bucket_rows,
+                       source={"path": str(source), "format": cfg.data.format}))
+    return info, summary  # type: ignore[return-value] - the same report() and counts as a ValidationResult

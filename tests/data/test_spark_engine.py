@@ -1,0 +1,184 @@
+"""data.engine=spark against data.engine=local on the same logs: identical datasets, row for row.
+
+One real Spark (local[2]) session serves the module. The log is spread over several CSV files and
+holds every kind of trouble the validator knows (ragged lines, missing ids, bad and out-of-range
+timestamps, duplicates within and across files, ties at the split's cut), so the parity covers
+quarantine counts, the split, vocabularies, encoding, negatives, histories and the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from recforge.config import Config
+from recforge.data.schema import DataError
+from recforge.data.shards import concat_shards, read_manifest, split_shards
+from recforge.recipes.prepare import prepare_data, validate_source
+
+pytestmark = pytest.mark.slow
+pyspark = pytest.importorskip("pyspark")
+if shutil.which("java") is None:
+    pytest.skip("Spark needs Java (make test installs it)", allow_module_level=True)
+
+SPLITS = ("train", "valid", "test")
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from pyspark.sql import SparkSession
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable  # the workers run recforge's code: this interpreter
+    session = (SparkSession.builder.master("local[2]").appName("recforge-tests")
+               .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+               .config("spark.sql.shuffle.partitions", "4")
+               .config("spark.sql.adaptive.enabled", "false").config("spark.sql.session.timeZone", "UTC")
+
+               .getOrCreate())
+    yield session
+    session.stop()
+
+
+def _write_log(root: Path, files: int = 3, rows: int = 1500, seed: int = 0) -> Path:
+    """A click log over several CSV files, with bad rows, duplicates and ties planted."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    start = 1_700_000_000
+    for f in range(files):
+        lines = ["user_id,item_id,timestamp,device,category,price"]
+        users = rng.zipf(1.6, rows) % 97
+        items = rng.zipf(1.4, rows) % 211
+        times = start + f * 3 * 86400 + np.sort(rng.integers(0, 3 * 86400, rows)) // 600 * 600  # many ties
+        for r in range(rows):
+            lines.append(f"{users[r]},{items[r]},{times[r]},{rng.choice(['ios', 'web', ''])},c{items[r] % 9},"
+                         f"{rng.gamma(2.0, 10.0):.3f}")
+        lines[5] = "7,3"  # ragged: malformed_row
+        lines[9] = ",5,1700000000,ios,c1,1.0"  # missing_user
+        lines[11] = "4,,1700000000,ios,c1,1.0"  # missing_item
+        lines[13] = "4,5,yesterday,ios,c1,1.0"  # bad_timestamp
+        lines[17] = "4,5,-12,ios,c1,1.0"  # timestamp_out_of_range
+        lines[19] = "4,5,1700000000,ios,c1,abc"  # bad_numeric
+        lines[21] = lines[20]  # duplicate within the file
+        lines[40] = f"{start + 5}000,9,web,c3,2.5"  # ragged again (ms-looking number in the wrong column)
+        lines[60] = lines[61].replace(lines[61].split(",")[2], str(int(lines[61].split(",")[2]) * 1000))  # ms
+        (root / f"part-{f:03d}.csv").write_text("\n".join(lines) + "\n")
+    # A duplicate of the first file's row across files.
+    with open(root / f"part-{files - 1:03d}.csv", "a") as handle:
+        handle.write((root / "part-000.csv").read_text().splitlines()[30] + "\n")
+    return root
+
+
+def _config(tmp: Path, source: Path, engine: str, name: str, **data) -> Config:
+    return Config.model_validate({
+        "seed": 7, "workdir": str(tmp / name), "prepared_dir": str(tmp / name / "prepared"),
+        "data": {"source": str(source), "format": "csv", "engine": engine, "history_length": 4,
+                 "shard_rows": 700, "user_bucket_rows": 1200,
+                 "schema": {"user": "user_id", "item": "item_id", "time": "timestamp",
+                            "label": {"kind": "implicit", "column": None}, "context": ["device"],
+                            "item_features": ["category"], "numeric": ["price"]},
+                 "negatives": {"per_positive": 2}, **data},
+    })
+
+
+def _both(tmp: Path, source: Path, **data):
+    local = prepare_data(_config(tmp, source, "local", "local", **data))
+    spark = prepare_data(_config(tmp, source, "spark", "spark", **data))
+    return local, spark
+
+
+def _assert_same_dataset(a: Path, b: Path) -> None:
+    for vocab in sorted((a / "vocab").glob("*.json")):
+        assert json.loads(vocab.read_text()) == json.loads((b / "vocab" / vocab.name).read_text()), vocab.name
+    for name in ("features.npy", "train_counts.npy"):
+        np.testing.assert_array_equal(np.load(a / "items" / name), np.load(b / "items" / name))
+    ma, mb = read_manifest(a), read_manifest(b)
+    for split in SPLITS:
+        shards_a, shards_b = split_shards(a, split), split_shards(b, split)
+        assert [s.rows for s in shards_a] == [s.rows for s in shards_b], split
+        for sa, sb in zip(shards_a, shards_b, strict=True):
+            ca, cb = sa.load(), sb.load()
+            for column in ca:
+                if column == "numeric":  # means and stds are summed in a different order
+                    np.testing.assert_allclose(ca[column], cb[column], rtol=1e-5, atol=1e-6)
+                else:
+                    np.testing.assert_array_equal(ca[column], cb[column], err_msg=f"{split} {column}")
+        assert ma["splits"][split]["rows"] == mb["splits"][split]["rows"]
+    meta_a, meta_b = (json.loads((p / "meta.json").read_text()) for p in (a, b))
+    for key in ("fields", "split", "positives", "users", "items", "rows", "events", "negatives", "history_length"):
+        assert meta_a[key] == meta_b[key], key
+    np.testing.assert_allclose([n["mean"] for n in meta_a["numeric"]], [n["mean"] for n in meta_b["numeric"]],
+                               rtol=1e-12)
+
+
+def test_spark_and_local_prepare_the_same_dataset(spark, tmp_path):
+    source = _write_log(tmp_path / "log")
+    (local, local_result), (sparked, spark_result) = _both(tmp_path, source)
+    report = local_result.report()
+    assert report == spark_result.report()
+    assert report["rows_read"] == report["rows_kept"] + report["rows_quarantined"]
+    by_reason = report["by_reason"]
+    for reason in ("malformed_row", "missing_user", "missing_item", "bad_timestamp", "timestamp_out_of_range",
+                   "bad_numeric", "duplicate_event"):
+        assert by_reason[reason] >= 1, reason
+    assert report["time_units"]["ms"] >= 1
+    _assert_same_dataset(local.path, sparked.path)
+    assert len(split_shards(sparked.path, "train")) >= 3  # the parity covers several shards
+    assert read_manifest(sparked.path)["engine"] == "spark"
+    # The quarantines name the same rows for the same reasons.
+    qa, qb = (pq.read_table(Path(p).parent.parent / "validation" / "quarantine.parquet")
+              for p in (local.path / "x", sparked.path / "x"))
+    assert qa.select(["_file", "_row", "_reason"]).to_pylist() == qb.select(["_file", "_row", "_reason"]).to_pylist()
+
+
+def test_spark_negatives_never_hit_the_users_own_items_and_histories_do_not_leak(spark, tmp_path):
+    source = _write_log(tmp_path / "log", files=2, rows=1200, seed=3)
+    _, (sparked, _) = _both(tmp_path, source)
+    parts = {split: concat_shards(split_shards(sparked.path, split)) for split in SPLITS}
+    rows = {k: np.concatenate([parts[s][k] for s in SPLITS]) for k in ("categorical", "label", "timestamp",
+                                                                         "user_key")}
+    positives = set(zip(rows["user_key"][rows["label"] == 1].tolist(),
+                        rows["categorical"][rows["label"] == 1, 1].tolist(), strict=True))
+    negatives = set(zip(rows["user_key"][rows["label"] == 0].tolist(),
+                        rows["categorical"][rows["label"] == 0, 1].tolist(), strict=True))
+    assert negatives and not (negatives & positives) - {(u, 0) for u, _ in negatives}
+    # Every history item is a click of the same user strictly earlier than the row.
+    test = parts["test"]
+    clicks: dict[int, list[tuple[int, int]]] = {}
+    for user, item, when, label in zip(rows["user_key"], rows["categorical"][:, 1], rows["timestamp"],
+                                       rows["label"], strict=True):
+        if label == 1:
+            clicks.setdefault(int(user), []).append((int(when), int(item)))
+    offsets, values = test["history_offsets"], test["history_values"]
+    for r in range(0, len(test["label"]), 7):
+        history = values[offsets[r]:offsets[r + 1]].tolist()
+        earlier = {item for when, item in clicks.get(int(test["user_key"][r]), []) if when < test["timestamp"][r]}
+        assert set(history) <= earlier
+
+
+def test_leave_last_out_and_hashing_match(spark, tmp_path):
+    source = _write_log(tmp_path / "log", files=2, rows=900, seed=5)
+    (local, _), (sparked, _) = _both(tmp_path, source, split={"method": "leave_last_out"},
+                                     vocab={"min_count": 2, "hash_buckets": {"device": 5}})
+    _assert_same_dataset(local.path, sparked.path)
+
+
+def test_an_unreadable_file_fails_naming_it(spark, tmp_path):
+    source = _write_log(tmp_path / "log", files=3, rows=200)
+    (source / "part-001.csv").write_text("user_id,item_id\n1,2\n")  # the schema's columns are missing
+    with pytest.raises(DataError, match="part-001.csv"):
+        prepare_data(_config(tmp_path, source, "spark", "spark"))
+    assert not (tmp_path / "spark" / "prepared").exists()
+
+
+def test_validate_on_spark_reports_like_local(spark, tmp_path):
+    source = _write_log(tmp_path / "log", files=2, rows=300)
+    local = validate_source(_config(tmp_path, source, "local", "local"))
+    sparked = validate_source(_config(tmp_path, source, "spark", "spark"))
+    assert local.result.report() == sparked.result.report()
