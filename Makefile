@@ -19,8 +19,16 @@ $(VENV)/.installed: $(BIN)/python $(LOCK) pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed $(DEV_LOCK)
+$(VENV)/.installed-dev: $(VENV)/.installed $(DEV_LOCK) $(VENV)/.java
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r $(DEV_LOCK)
+	touch $@
+
+# Java 17+ for the Spark preparation engine (data.engine=spark) and its tests; the quickstart needs none.
+# tools/ensure_java.sh does nothing when java (JAVA_HOME's, else PATH's) is 17+; otherwise, as root, it runs
+# apt-get update once and installs openjdk-17-jre-headless, and as any other user it fails with one line
+# saying what to install.
+$(VENV)/.java: tools/ensure_java.sh | $(BIN)/python
+	tools/ensure_java.sh
 	touch $@
 
 quickstart: $(VENV)/.installed

@@ -401,6 +401,41 @@ def test_gloo_socket_ifname_naming_a_missing_interface(monkeypatch):
     assert check.status == "fail" and "ib0" in check.detail and "GLOO_SOCKET_IFNAME=eth0" in check.fix
 
 
+# --- Java (Spark preparation) -------------------------------------------------------------------------
+
+
+def fake_java_home(tmp_path: Path, first_line: str) -> Path:
+    """A JAVA_HOME whose bin/java prints `first_line` to stderr, as `java -version` does."""
+    java = tmp_path / "jdk" / "bin" / "java"
+    java.parent.mkdir(parents=True)
+    java.write_text(f"#!/bin/sh\necho '{first_line}' >&2\n")
+    java.chmod(0o755)
+    return java.parent.parent
+
+
+def test_java_17_is_ok(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAVA_HOME", str(fake_java_home(tmp_path, 'openjdk version "17.0.15" 2025-04-15')))
+    check = doctor.check_java()
+    assert (check.name, check.status) == ("java", "ok") and "Java 17" in check.detail and "17.0.15" in check.detail
+
+
+@pytest.mark.parametrize("java", ["old", "absent"])
+def test_missing_or_old_java_only_warns_and_names_the_package(tmp_path, monkeypatch, java):
+    if java == "old":
+        monkeypatch.setenv("JAVA_HOME", str(fake_java_home(tmp_path, 'openjdk version "11.0.22" 2024-01-16')))
+    else:
+        monkeypatch.setenv("JAVA_HOME", str(tmp_path))  # no bin/java under it
+    check = doctor.check_java()
+    assert check.status == "warn" and "needs Java 17+" in check.detail
+    assert ("Java 11" in check.detail) == (java == "old")
+    assert "openjdk-17-jre-headless" in check.fix and "JAVA_HOME" in check.fix
+    # The local engine, training and serving need no Java: the report stays healthy.
+    monkeypatch.setattr(doctor, "check_amp", lambda device: Check("amp", "ok", ""))
+    monkeypatch.setattr(doctor, "check_ddp", lambda device: Check("ddp", "ok", ""))
+    report = doctor.run_doctor("cpu")
+    assert report.ok and {c.name: c.status for c in report.checks}["java"] == "warn"
+
+
 # --- the whole report -------------------------------------------------------------------------------
 
 
@@ -491,6 +526,7 @@ def test_cli_cpu_is_healthy_here():
     assert report["env"]["torch"] == str(torch.__version__)
     statuses = {c["name"]: c["status"] for c in report["checks"]}
     assert statuses["ddp smoke (gloo)"] == "ok" and statuses["amp smoke (bf16)"] == "ok"
+    assert statuses["java"] in ("ok", "warn")  # Spark's Java is reported, never a failure
     assert set(report["checks"][0]) == {"name", "status", "detail", "fix"}
 
 

@@ -355,6 +355,28 @@ def check_cpu() -> Check:
     return Check("cpu", "ok", detail)
 
 
+MIN_JAVA = 17  # pyspark 4 runs on Java 17+
+
+
+def check_java() -> Check:
+    """The Java that Spark preparation (data.engine=spark) would start; a warning at most, since the
+    local engine, training and serving need no Java."""
+    from recforge import runtime
+
+    found = runtime.java_version()
+    fix = (f"apt-get install {runtime.JAVA_PACKAGE} (what `make test` does as root), or set JAVA_HOME to a "
+           f"Java {MIN_JAVA}+ installation")
+    if found is None:
+        where = f"under JAVA_HOME={os.environ['JAVA_HOME']}" if os.environ.get("JAVA_HOME") else "on PATH"
+        return Check("java", "warn", f"no working java {where}: Spark preparation (data.engine=spark) needs "
+                     f"Java {MIN_JAVA}+; the local engine needs none", fix)
+    major, line = found
+    if major < MIN_JAVA:
+        return Check("java", "warn", f"Java {major} ({line}): Spark preparation (data.engine=spark) needs "
+                     f"Java {MIN_JAVA}+; the local engine needs none", fix)
+    return Check("java", "ok", f"Java {major} ({line}): Spark preparation can run")
+
+
 def check_visible_devices(driver: DriverInfo, required: bool) -> Check:
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     if value is None:
@@ -758,6 +780,7 @@ def run_doctor(device: str = "auto") -> DoctorReport:
         checks += _guard("amp smoke", lambda: check_amp("cuda"))
         checks += _guard("ddp smoke", lambda: check_ddp("cuda"))
     checks += _guard("NCCL env", lambda: check_nccl_env(need_cuda))
+    checks += _guard("java", check_java)
     try:
         env = runtime.env_fingerprint()
     except Exception as exc:  # noqa: BLE001 - the fingerprint is context; the checks are the answer

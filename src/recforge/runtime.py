@@ -1,4 +1,4 @@
-"""Where code runs and how reproducibly: device choice, seeding, environment fingerprint.
+"""Where code runs and how reproducibly: device choice, seeding, environment fingerprint, Java.
 
 A leaf module: anything may import it, it imports nothing of recforge but config-free stdlib,
 numpy and torch.
@@ -13,6 +13,8 @@ import hashlib
 import os
 import platform
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -225,3 +227,58 @@ def environment_drift(recorded: dict[str, object], current: dict[str, object] | 
         drift.append(f"CUDA build {recorded.get('cuda') or 'none (CPU)'} recorded, "
                      f"{current.get('cuda') or 'none (CPU)'} here")
     return drift
+
+
+JAVA_PACKAGE = "openjdk-17-jre-headless"  # what `make test` installs on Debian (tools/ensure_java.sh)
+JAVA_TIMEOUT_S = 30.0
+
+
+def _java_executable() -> str | None:
+    """The java Spark will start: $JAVA_HOME/bin/java when JAVA_HOME is set (pyspark's own rule), else PATH."""
+    home = os.environ.get("JAVA_HOME")
+    if home:
+        candidate = Path(home) / "bin" / "java"
+        return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+    return shutil.which("java")
+
+
+def parse_java_major(line: str) -> int | None:
+    """The major version in `java -version`'s first line: `"17.0.15"` is 17, `"21"` 21, `"1.8.0_292"` 8."""
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', line)
+    if found is None:
+        return None
+    major = int(found.group(1))
+    return int(found.group(2) or 0) if major == 1 else major
+
+
+def java_version() -> tuple[int, str] | None:
+    """(major version, first line of `java -version`) of the java Spark would use; None when there is none.
+
+    `java -version` writes to stderr (stdout on some builds), so both are read. A java that does not
+    run, hangs or prints no version counts as none: Spark could not start it either.
+    """
+    java = _java_executable()
+    if java is None:
+        return None
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=JAVA_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line.strip() for line in (out.stderr + "\n" + out.stdout).splitlines() if line.strip()]
+    line = next((line for line in lines if "version" in line), None)
+    major = parse_java_major(line) if out.returncode == 0 and line else None
+    return None if major is None else (major, line)
+
+
+def require_java(minimum: int = 17) -> tuple[int, str]:
+    """The java found, or a one-line RuntimeError saying what to install (Spark preparation needs Java)."""
+    found = java_version()
+    where = f"JAVA_HOME={os.environ['JAVA_HOME']}" if os.environ.get("JAVA_HOME") else "PATH"
+    how = (f"install it (Debian/Ubuntu: `apt-get install {JAVA_PACKAGE}`) or set JAVA_HOME "
+           f"to a Java {minimum}+ installation")
+    if found is None:
+        raise RuntimeError(f"data.engine=spark needs Java {minimum}+ and there is no working java on {where}; {how}")
+    major, line = found
+    if major < minimum:
+        raise RuntimeError(f"data.engine=spark needs Java {minimum}+ but {where} has Java {major} ({line}); {how}")
+    return found
