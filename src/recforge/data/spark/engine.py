@@ -112,9 +112,12 @@ def _validated(stages: _Staging, job: SparkJob, validation_dir: Path, require_ro
                ) -> tuple[SparkValidation, dict[str, Path], Any]:
     from pyspark.sql import functions as F
 
-    checked = stages.keep(check_files(stages.spark, job.source, job.format, job.schema), "checked")
+    # One pass: reading a file is deterministic, so the duplicate window runs on the tasks' output directly
+    # (error rows carry no reason and pass through it untouched).
+    checked = stages.keep(mark_duplicates(check_files(stages.spark, job.source, job.format, job.schema), job.schema),
+                          "validated")
     raise_unreadable(checked)
-    checked = stages.keep(mark_duplicates(checked.filter(F.col("_error").isNull()), job.schema), "validated")
+    checked = checked.filter(F.col("_error").isNull())
     validation = summarize(checked, job.schema)
     validation_dir.mkdir(parents=True, exist_ok=True)
     files = {"quarantine": validation_dir / "quarantine.parquet", "report": validation_dir / "validation_report.json"}
