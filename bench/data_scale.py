@@ -44,9 +44,10 @@ _RECFORGE = [str(Path(sys.executable).with_name("recforge"))]
 
 
 def cpu() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                  platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no avx2'})"
 

@@ -18,6 +18,11 @@ Variants, each timed over one epoch (samples/s = training rows / seconds):
                    ONE fixed batch (no data pipeline, no checkpoint): the compute ceiling of `recforge`.
   ceiling_amp      the same under bf16 autocast: the ceiling of `amp`.
   ceiling_dense    the same with dense Adam: the ceiling of `recforge_dense`.
+  memory           `recforge` on the training rows as a sharded prepared split (data/shards.py,
+                   --shard-rows rows a shard), loaded whole by SplitData.load: train.data_loading=memory.
+  stream           the same shards streamed (data/stream.py, train.data_loading=stream) through a
+                   --shuffle-buffer-row buffer. Run `--variants memory,stream` to alternate the two
+                   paths on the same prepared data; the summary gives stream's share of memory's rate.
 Every variant reports validation AUC (recforge.metrics.auc on the raw logits). The ceiling
 variants train on a single batch, so their AUC only shows that the step runs, not model quality.
 
@@ -40,6 +45,7 @@ recorded with every result, and so are the timed part's system time and minor pa
     .venv/bin/python bench/train_throughput.py                        # all variants, 3 repeats
     .venv/bin/python bench/train_throughput.py --variants recforge,ceiling --repeats 5
     .venv/bin/python bench/train_throughput.py --data /tmp/recforge-peers/data --json
+    .venv/bin/python bench/train_throughput.py --variants memory,stream --rows 200000 --repeats 3
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ SPECS = {
     # CUDA only (bench/gpu_check.sh): fp16 autocast with GradScaler.
     "amp_fp16": ("trainer", "rowwise_adam", "fp16"),
     "ceiling_fp16": ("ceiling", "rowwise_adam", "fp16"),
+    # The two train.data_loading paths over one sharded prepared split.
+    "memory": ("prepared", "rowwise_adam", "off"),
+    "stream": ("prepared", "rowwise_adam", "off"),
 }
 DEVICE = "cpu"  # set from --device in each worker
 VARIANTS = tuple(SPECS)
@@ -169,6 +178,31 @@ def load_workload(data_dir: Path, n_train: int | None) -> tuple[np.ndarray, ...]
             np.ascontiguousarray(Xva, dtype=np.int64), np.ascontiguousarray(yva, dtype=np.float32))
 
 
+def sharded_workload(workload: Path, n_train: int, shard_rows: int) -> Path:
+    """The first `n_train` training rows as a sharded prepared split (train/shard-*/, manifest.json);
+    written on first use beside the workload, so both data paths read the very same files."""
+    from recforge.data.shards import MANIFEST_FILE, shard_bounds, shard_name, write_manifest, write_shard
+
+    out = workload / f"sharded-{n_train}-{shard_rows}"
+    if (out / MANIFEST_FILE).is_file():
+        return out
+    from recforge.storage import save_array
+
+    Xtr, ytr, _, _ = load_workload(workload, n_train)
+    entries = []
+    for index, (start, stop) in enumerate(shard_bounds(len(ytr), shard_rows)):
+        X, directory = Xtr[start:stop], out / "train" / shard_name(index)
+        entry = write_shard(directory, {"categorical": X, "label": ytr[start:stop],
+                                        "timestamp": np.arange(start, stop), "user_key": X[:, 0]})
+        # No numeric features: an [n, 0] column, written here because write_shard cannot hash an
+        # array with a zero-length axis (memoryview.cast refuses it).
+        save_array(directory / "numeric.npy", np.zeros((len(X), 0), dtype=np.float32))
+        entry["columns"]["numeric"] = {"dtype": "<f4", "shape": [len(X), 0], "sha256": hashlib.sha256(b"").hexdigest()}
+        entries.append(entry)
+    write_manifest(out, {"train": entries}, shard_rows=shard_rows, features={}, engine="bench")
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # One measurement (runs in its own interpreter)
 
@@ -216,11 +250,11 @@ def _split(X: np.ndarray, y: np.ndarray, name: str) -> Any:
                      label=torch.from_numpy(y), user_key=X[:, 0].copy())
 
 
-def _train_config(optimizer: str, amp: str = "off") -> Any:
+def _train_config(optimizer: str, amp: str = "off", **extra: Any) -> Any:
     from recforge.config import TrainConfig
 
     return TrainConfig(epochs=1, batch_size=BATCH, lr=LR, optimizer=optimizer, amp=amp, progress=False,
-                       checkpoint_every=0, device=DEVICE)
+                       checkpoint_every=0, device=DEVICE, **extra)
 
 
 def _val_auc(score: Any, Xva: np.ndarray, yva: np.ndarray) -> float:
@@ -262,6 +296,33 @@ def run_recforge(data: tuple[np.ndarray, ...], optimizer: str, amp: str) -> dict
     record["samples_per_s"] = round(result.samples_per_s, 1)
     record["train_loss"] = round(result.state.history[-1]["train_loss"], 5)
     record["auc"] = _val_auc(_recforge_scorer(model), Xva, yva)
+    return record
+
+
+def run_prepared(prepared: Path, mode: str, shuffle_buffer: int, val: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    """train() on the sharded split, all in memory or streamed: the timed part is the epoch loop."""
+    import resource
+
+    from recforge.data.batches import SplitData
+    from recforge.data.stream import ShardStream
+    from recforge.train.trainer import TrainOptions, train
+
+    cfg = _train_config("rowwise_adam", data_loading=mode, shuffle_buffer=shuffle_buffer)
+    model = _recforge_model(cfg.sparse_embeddings)
+    # Loading the memory path's split is outside the timed part, as for every variant; a stream reads
+    # its shards inside the epoch loop, so its rate includes the reading.
+    data = (ShardStream.open(prepared, "train", shuffle_buffer) if mode == "stream"
+            else SplitData.load(prepared, "train"))
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="run-", dir=CACHE.parent) as run_dir, _Meter() as meter:
+        result = train(model, data, None, cfg, TrainOptions(run_dir, seed=0, log=lambda _: None))
+    record = meter.record(len(data))
+    record["whole_call_samples_per_s"] = record["samples_per_s"]
+    record["samples_per_s"] = round(result.samples_per_s, 1)
+    record["train_loss"] = round(result.state.history[-1]["train_loss"], 5)
+    record["shuffle_buffer"] = shuffle_buffer if mode == "stream" else None
+    record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    record["auc"] = _val_auc(_recforge_scorer(model), *val)
     return record
 
 
@@ -381,14 +442,30 @@ def worker(args: argparse.Namespace) -> None:
     global DEVICE
     DEVICE = args.device
     torch.set_num_threads(args.threads)
-    data = load_workload(Path(args.workload), args.rows)
     kind, optimizer, amp = SPECS[args.worker]
+    if kind == "prepared":  # the training rows come from the shards; only validation from the workload
+        prepared = sharded_workload(Path(args.workload), args.rows, args.shard_rows)
+        record = run_prepared(prepared, args.worker, args.shuffle_buffer, _val_arrays(Path(args.workload)))
+        _save_record(record, optimizer, amp, args)
+        return
+    data = load_workload(Path(args.workload), args.rows)
     if kind == "trainer":
         record = run_recforge(data, optimizer, amp)
     elif kind == "naive":
         record = run_naive(data)
     else:
         record = run_ceiling(data, optimizer, amp, steps=args.ceiling_steps, warmup=args.ceiling_warmup)
+    _save_record(record, optimizer, amp, args)
+
+
+def _val_arrays(workload: Path) -> tuple[np.ndarray, np.ndarray]:
+    return (np.ascontiguousarray(np.load(workload / "val_X.npy"), dtype=np.int64),
+            np.ascontiguousarray(np.load(workload / "val_y.npy"), dtype=np.float32))
+
+
+def _save_record(record: dict[str, Any], optimizer: str, amp: str, args: argparse.Namespace) -> None:
+    import torch
+
     record.update(optimizer=optimizer, amp=amp)
     record["auc"] = round(record["auc"], 4)
     record["threads"] = torch.get_num_threads()
@@ -460,7 +537,8 @@ def run_one(variant: str, workload: Path, rows: int | None, args: argparse.Names
         result_path = Path(handle.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workload", str(workload),
            "--threads", str(args.threads), "--result", str(result_path), "--device", args.device,
-           "--ceiling-steps", str(args.ceiling_steps), "--ceiling-warmup", str(args.ceiling_warmup)]
+           "--ceiling-steps", str(args.ceiling_steps), "--ceiling-warmup", str(args.ceiling_warmup),
+           "--shard-rows", str(args.shard_rows), "--shuffle-buffer", str(args.shuffle_buffer)]
     if rows is not None:
         cmd += ["--rows", str(rows)]
     try:
@@ -496,6 +574,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                              ("amp_fp16", "ceiling_fp16")):
         if variant in out and ceiling in out:
             out[variant]["share_of_ceiling"] = round(out[variant]["samples_per_s"] / out[ceiling]["samples_per_s"], 3)
+    if "memory" in out and "stream" in out:  # the goal: streaming within 10% of the memory path
+        out["stream"]["share_of_memory"] = round(out["stream"]["samples_per_s"] / out["memory"]["samples_per_s"], 3)
     return out
 
 
@@ -520,6 +600,7 @@ def print_table(summary: dict[str, Any], meta: dict[str, Any]) -> None:
         if "whole_call_samples_per_s" in entry:
             whole = ", ".join(f"{r['whole_call_samples_per_s']:,.0f}" for r in entry["runs"])
             share = f"; {entry['share_of_ceiling']:.0%} of its ceiling" if "share_of_ceiling" in entry else ""
+            share += f"; {entry['share_of_memory']:.1%} of memory" if "share_of_memory" in entry else ""
             print(f"{'':<16} {entry['whole_call_samples_per_s']:>10,.0f} {'':>8} {'':>7}  "
                   f"whole train() call incl. set-up and checkpoint: {whole}{share}")
 
@@ -541,6 +622,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     parser.add_argument("--ceiling-steps", type=int, default=100, help="timed steps of the ceiling variants")
     parser.add_argument("--ceiling-warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--shard-rows", type=int, default=100_000, help="rows a shard (memory and stream variants)")
+    parser.add_argument("--shuffle-buffer", type=int, default=1_000_000,
+                        help="train.shuffle_buffer of the stream variant (rows)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

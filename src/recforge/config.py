@@ -215,6 +215,13 @@ class TrainConfig(Strict):
     # Storage URI (s3://bucket/runs/NAME, or a directory) each checkpoint is uploaded to, with what a
     # resume needs; `recforge train --resume-from URI` restores the newest one after losing the run dir.
     mirror_to: str | None = None
+    # memory: the whole train split is loaded as tensors (fastest while it fits in RAM). stream: each
+    # process memory-maps only its own shards, one at a time, and shuffles through a buffer of
+    # `shuffle_buffer` rows (data/stream.py), so a split larger than RAM trains in bounded memory.
+    data_loading: Literal["memory", "stream"] = "memory"
+    # Rows held per process for shuffling a stream: memory (about 8 bytes per column and history
+    # item per row) against how far apart in the data two rows of one batch can come from.
+    shuffle_buffer: int = Field(1_000_000, ge=1)
 
     @property
     def sparse_embeddings(self) -> bool:

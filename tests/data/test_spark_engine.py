@@ -78,7 +78,7 @@ def _write_log(root: Path, files: int = 3, rows: int = 1500, seed: int = 0) -> P
 def _config(tmp: Path, source: Path, engine: str, name: str, **data) -> Config:
     return Config.model_validate({
         "seed": 7, "workdir": str(tmp / name), "prepared_dir": str(tmp / name / "prepared"),
-        "data": {"source": str(source), "format": "csv", "engine": engine, "history_length": 4,
+        "data": {"source": str(source), "format": data.pop("format", "csv"), "engine": engine, "history_length": 4,
                  "shard_rows": 700, "user_bucket_rows": 1200,
                  "schema": {"user": "user_id", "item": "item_id", "time": "timestamp",
                             "label": {"kind": "implicit", "column": None}, "context": ["device"],
@@ -165,20 +165,66 @@ def test_spark_negatives_never_hit_the_users_own_items_and_histories_do_not_leak
         assert set(values[offsets[r]:offsets[r + 1]].tolist()) <= earlier, r
 
 
-def test_leave_last_out_hashing_and_click_labels_match(spark, tmp_path):
-    source = _write_log(tmp_path / "log", files=2, rows=900, seed=5)
-    (local, local_result), (sparked, spark_result) = _both(
-        tmp_path, source, split={"method": "leave_last_out"}, history_length=0,
-        vocab={"min_count": 2, "hash_buckets": {"device": 5}})
-    assert local_result.report() == spark_result.report()
-    _assert_same_dataset(local.path, sparked.path)
-    # `data validate` on Spark reports what it reports locally.
-    assert validate_source(_config(tmp_path, source, "spark", "spark")).result.report() == local_result.report()
-
-
 def test_an_unreadable_file_fails_naming_it(spark, tmp_path):
     source = _write_log(tmp_path / "log", files=3, rows=200)
     (source / "part-001.csv").write_text("user_id,item_id\n1,2\n")  # the schema's columns are missing
     with pytest.raises(DataError, match="part-001.csv"):
         prepare_data(_config(tmp_path, source, "spark", "spark"))
     assert not (tmp_path / "spark" / "prepared").exists()
+
+
+def _parquet_parts(root: Path, parts: int, rows: int, seed: int) -> Path:
+    """Parquet parts written at different times: the id and time types drift between them."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for p in range(parts):
+        users = rng.integers(0, 60, rows)
+        items = rng.integers(0, 150, rows)
+        times = 1_700_000_000 + p * 86400 + np.sort(rng.integers(0, 86400, rows))
+        columns = {"user_id": pa.array(users, pa.int32() if p == 1 else pa.int64()),
+                   "item_id": pa.array([f"{i}" for i in items]) if p == 2 else pa.array(items),
+                   "timestamp": pa.array(times * 1000 if p == 1 else times),  # one partition logged in ms
+                   "device": pa.array(rng.choice(["ios", "web"], rows)),
+                   "category": pa.array(items % 9), "price": pa.array(rng.gamma(2.0, 10.0, rows))}
+        if p == 3:
+            columns["price"] = pa.array([f"{v:.2f}" if r % 50 else "n/a" for r, v in enumerate(columns["price"]
+                                                                                            .to_pylist())])
+        pq.write_table(pa.table(columns), root / f"part-{p:03d}.parquet")
+    return root
+
+
+def test_leave_last_out_hashing_and_schema_drift_match(spark, tmp_path):
+    source = _parquet_parts(tmp_path / "log", parts=4, rows=500, seed=5)
+    (local, local_result), (sparked, spark_result) = _both(
+        tmp_path, source, format="parquet", split={"method": "leave_last_out"}, history_length=0,
+        vocab={"min_count": 2, "hash_buckets": {"device": 5}})
+    report = local_result.report()
+    assert report == spark_result.report()
+    assert report["time_units"] == {"s": 1500, "ms": 500} and report["by_reason"]["bad_numeric"] == 10
+    _assert_same_dataset(local.path, sparked.path)
+    # `data validate` on Spark reports what it reports locally.
+    spark_cfg = _config(tmp_path, source, "spark", "spark", format="parquet")
+    assert validate_source(spark_cfg).result.report() == report
+
+
+def test_one_corrupt_file_among_hundreds_is_named(spark, tmp_path):
+    source = tmp_path / "log"
+    source.mkdir()
+    header = "user_id,item_id,timestamp,device,category,price\n"
+    for f in range(250):
+        (source / f"part-{f:04d}.csv").write_text(header + f"{f % 17},{f % 23},{1_700_000_000 + f},ios,c1,1.5\n")
+    (source / "part-0613.csv").write_bytes(b"user_id,item_id\n\x00\x01garbage\n")
+    with pytest.raises(DataError, match=r"1 file\(s\) could not be read: .*part-0613\.csv"):
+        validate_source(_config(tmp_path, source, "spark", "spark"))
+
+
+def test_a_huge_line_is_read_or_quarantined_like_local(spark, tmp_path):
+    source = _write_log(tmp_path / "log", files=1, rows=300)
+    with open(source / "part-000.csv", "a") as handle:
+        handle.write(f"5,7,1700000123,{'x' * (3 << 20)},c1,2.0\n")  # a 3 MB device value: read, kept
+        handle.write(f"5,7,1700000124,{'y' * (3 << 20)}\n")  # a 3 MB ragged line: malformed_row
+    local = validate_source(_config(tmp_path, source, "local", "local"))
+    sparked = validate_source(_config(tmp_path, source, "spark", "spark"))
+    assert local.result.report() == sparked.result.report()

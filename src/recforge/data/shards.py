@@ -50,7 +50,7 @@ def shard_name(index: int) -> str:
 
 
 def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()  # also for a [n, 0] column
 
 
 def write_shard(directory: Path, columns: Mapping[str, np.ndarray]) -> dict[str, Any]:

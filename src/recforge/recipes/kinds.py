@@ -13,12 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from recforge.config import Config
 from recforge.data.batches import SplitData
-from recforge.data.shards import split_column
+from recforge.data.shards import split_column, split_shards
+from recforge.data.stream import ShardStream
 from recforge.evaluate import RetrievalTask, evaluate, full_catalog_metrics, retrieval_task
 from recforge.features import FeatureLayout
 from recforge.models import ModelKind, model_entry
@@ -26,8 +28,10 @@ from recforge.recipes.runs import item_catalog
 from recforge.train.objectives import InBatchRetrieval, Pointwise
 
 Validator = Callable[[nn.Module], dict[str, float]]
+# The train split in memory, or streamed from its shards (train.data_loading).
+TrainSplit = SplitData | ShardStream
 # (model, train split, features, config) -> (the rows it trains on, the objective wrapping it)
-Objective = Callable[[nn.Module, SplitData, FeatureLayout, Config], tuple[SplitData, nn.Module]]
+Objective = Callable[[nn.Module, TrainSplit, FeatureLayout, Config], tuple[TrainSplit, nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -40,20 +44,28 @@ class KindRecipe:
     item_index: bool  # trained runs build an item index, and their bundles carry it
 
 
-def pointwise(model: nn.Module, train_data: SplitData, features: FeatureLayout,
-              cfg: Config) -> tuple[SplitData, nn.Module]:
+def pointwise(model: nn.Module, train_data: TrainSplit, features: FeatureLayout,
+              cfg: Config) -> tuple[TrainSplit, nn.Module]:
     """A ranker trains on every row: BCE of its logit against the click label."""
     return train_data, Pointwise(model)
 
 
-def in_batch_retrieval(model: nn.Module, train_data: SplitData, features: FeatureLayout,
-                       cfg: Config) -> tuple[SplitData, nn.Module]:
-    """Two-tower training sees the positive (user, item) rows; logQ comes from their item frequencies."""
-    positives = train_data.select(torch.nonzero(train_data.label > 0).squeeze(1))
+def in_batch_retrieval(model: nn.Module, train_data: TrainSplit, features: FeatureLayout,
+                       cfg: Config) -> tuple[TrainSplit, nn.Module]:
+    """Two-tower training sees the positive (user, item) rows; logQ comes from their item frequencies.
+
+    A streamed split keeps its positives shard by shard, and counts their items one shard at a time.
+    """
+    item_column = features.item_column
+    positives: TrainSplit
+    if isinstance(train_data, ShardStream):
+        positives = train_data.positives()
+        counts = torch.from_numpy(positives.column_counts(item_column, features.cardinalities[item_column]))
+    else:
+        positives = train_data.select(torch.nonzero(train_data.label > 0).squeeze(1))
+        counts = torch.bincount(positives.categorical[:, item_column], minlength=features.cardinalities[item_column])
     if len(positives) == 0:
         raise ValueError("the training split has no positive rows to train a retrieval model on")
-    item_column = features.item_column
-    counts = torch.bincount(positives.categorical[:, item_column], minlength=features.cardinalities[item_column])
     log_q = torch.log((counts.double() + 1.0) / (counts.sum() + len(counts)))
     return positives, InBatchRetrieval(model, log_q, item_column, cfg.model.retrieval_loss)
 
@@ -84,7 +96,7 @@ def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) ->
         if not loaded:
             valid = SplitData.load(prepared, "valid")
             times = split_column(prepared, "valid", "timestamp")
-            loaded.append((retrieval_task(SplitData.load(prepared, "train"), valid, times, item_column),
+            loaded.append((retrieval_task(_train_for_exclusion(prepared, cfg), valid, times, item_column),
                            item_catalog(prepared, features)))
         task, catalog = loaded[0]
         device = next(model.parameters()).device
@@ -98,6 +110,22 @@ def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) ->
         return {"recall@20": metrics["recall@20"], "ndcg@20": metrics["ndcg@20"]}
 
     return run
+
+
+def _train_for_exclusion(prepared: Path, cfg: Config) -> SplitData:
+    """What retrieval validation excludes (items each user clicked in training): the train split, or,
+    when it is streamed, only its positive rows' user and item ids, read one shard at a time."""
+    if cfg.train.data_loading == "memory":
+        return SplitData.load(prepared, "train")
+    users, items = [], []
+    for shard in split_shards(prepared, "train"):
+        columns = shard.load()
+        positive = np.asarray(columns["label"]) > 0
+        users.append(np.asarray(columns["user_key"])[positive])
+        items.append(np.asarray(columns["categorical"])[positive])
+    categorical = torch.from_numpy(np.concatenate(items))
+    return SplitData("train", categorical, torch.zeros((len(categorical), 0)), torch.ones(len(categorical)),
+                     np.concatenate(users))
 
 
 KIND_RECIPES: dict[ModelKind, KindRecipe] = {

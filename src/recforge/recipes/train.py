@@ -17,6 +17,7 @@ import yaml
 
 from recforge.config import Config
 from recforge.data.batches import SplitData
+from recforge.data.stream import ShardStream
 from recforge.features import FEATURES_FILE, FeatureLayout
 from recforge.models import build_model, model_entry
 from recforge.recipes.kinds import kind_recipe, validator_for
@@ -27,7 +28,7 @@ from recforge.storage import read_json, write_json, write_text
 from recforge.train.checkpoint import lock_run_dir
 from recforge.train.checkpoint import restore_run as restore_checkpoint_snapshot
 from recforge.train.plan import MemoryPlan, detect_device_memory, plan_memory
-from recforge.train.trainer import TrainOptions, TrainResult, train
+from recforge.train.trainer import TrainData, TrainOptions, TrainResult, train
 
 InitWeights = Callable[[torch.nn.Module, FeatureLayout], dict[str, Any]]
 
@@ -94,8 +95,8 @@ def _train_model(cfg: Config, *, resume: bool = False, resume_from: str | None =
             _write_run_files(cfg, run_dir, features)
         digest_extra = {"model": cfg.model.model_dump(), "seed": cfg.seed, "features": features.identity(),
                         "rows": prepared_meta["rows"], "split": prepared_meta["split"]}
-        train_data, objective = recipe.objective(model, SplitData.load(prepared, "train"), features, cfg)
-        log(f"training {cfg.model.name} on {len(train_data):,} rows -> {run_dir}")
+        train_data, objective = recipe.objective(model, _train_split(cfg, prepared), features, cfg)
+        log(f"training {cfg.model.name} on {len(train_data):,} rows{_streamed(train_data)} -> {run_dir}")
         result = train(model, train_data, validate_fn, cfg.train, TrainOptions(
             run_dir, seed=cfg.seed, digest_extra=digest_extra, resume=resume, dist_ctx=dist_ctx, objective=objective,
             log=log))
@@ -106,6 +107,19 @@ def _train_model(cfg: Config, *, resume: bool = False, resume_from: str | None =
         return result
     finally:
         cleanup_distributed()
+
+
+def _train_split(cfg: Config, prepared: Path) -> TrainData:
+    """The train split as train.data_loading asks: all in memory, or its shards to stream."""
+    if cfg.train.data_loading == "stream":
+        return ShardStream.open(prepared, "train", cfg.train.shuffle_buffer)
+    return SplitData.load(prepared, "train")
+
+
+def _streamed(data: TrainData) -> str:
+    if not isinstance(data, ShardStream):
+        return ""
+    return f", streamed from {len(data.shards)} shard(s) through a {data.shuffle_buffer:,}-row buffer per process"
 
 
 def _write_run_files(cfg: Config, run_dir: Path, features: FeatureLayout) -> None:

@@ -44,6 +44,9 @@ class RunState:
     # that stays meaningful when a run resumes with a different number of processes.
     samples_in_epoch: int = 0
     global_step: int = 0
+    # Steps taken in the epoch in progress: where a streamed epoch (data.stream) resumes, replaying
+    # its shard and buffer bookkeeping up to it. (Checkpoints from before it load as 0: memory path.)
+    steps_in_epoch: int = 0
     world_size: int = 1
     best_metric: float | None = None
     best_epoch: int | None = None

@@ -27,12 +27,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from recforge.config import TrainConfig
 from recforge.data.batches import Batch, SplitData, iterate_batches, steps_per_epoch
+from recforge.data.stream import ShardStream
 from recforge.runtime import DistContext, choose_device, tune_allocator
 from recforge.train.checkpoint import RunState, load_checkpoint, mirror_run, save_checkpoint, save_weights
 from recforge.train.objectives import Pointwise
 from recforge.train.optim import RowWiseAdam
 
 Validator = Callable[[torch.nn.Module], dict[str, float]]
+# What train() reads its rows from: a split in memory, or its shards streamed (train.data_loading).
+TrainData = SplitData | ShardStream
 # Metrics where smaller is better; the rest (auc, gauc) are maximized.
 _MINIMIZED = {"logloss"}
 
@@ -49,10 +52,13 @@ class TrainResult:
 
 def config_digest(train_cfg: TrainConfig, extra: dict[str, Any]) -> str:
     """Identity of a run for resume: keys that may change between an interruption and a resume are left out."""
-    resumable = train_cfg.model_dump(
-        exclude={"epochs", "stop_after_steps", "log_every", "progress", "checkpoint_every", "eval_batch_size",
-                 "threads", "mirror_to"}
-    )
+    excluded = {"epochs", "stop_after_steps", "log_every", "progress", "checkpoint_every", "eval_batch_size",
+                "threads", "mirror_to"}
+    if train_cfg.data_loading == "memory":
+        # The memory path's identity is what it was before streams existed (its checkpoints still
+        # resume); a stream's order depends on its buffer, so there both keys count.
+        excluded |= {"data_loading", "shuffle_buffer"}
+    resumable = train_cfg.model_dump(exclude=excluded)
     blob = json.dumps({"train": resumable, **extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -202,20 +208,21 @@ class TrainOptions:
 
 def train(
     model: torch.nn.Module,
-    train_data: SplitData,
+    train_data: TrainData,
     validate: Validator | None,
     cfg: TrainConfig,
     options: TrainOptions,
 ) -> TrainResult:
     """Train `model` in place; with `options.dist_ctx` from runtime.init_distributed, as one rank of DDP.
 
-    Under DDP each rank trains on its own shard of every epoch's permutation with the per-rank
+    Under DDP each rank trains on its own shard of every epoch's permutation (or, streamed, on its
+    own dealt shards: data.stream) with the per-rank
     `cfg.batch_size`; rank 0 alone validates, logs and writes checkpoints, and broadcasts the
     early-stopping decision so all ranks stop together. The step loop is kept here, in one piece, so
     the order of what happens each step (and so what a checkpoint captures) reads top to bottom.
     """
     run = _start_run(model, cfg, options)
-    if options.resume and not _resume(run):
+    if options.resume and not _resume(run, streamed=isinstance(train_data, ShardStream)):
         return TrainResult(options.run_dir, run.state, str(run.device), run.device_reason, False, 0.0)
     state, device, dist_ctx = run.state, run.device, options.dist_ctx
     step_model = _step_model(run)
@@ -244,6 +251,7 @@ def train(
                 optimizer_step(loss, run.optimizers, run.scaler, tally.skipped)
                 tally.add(loss, len(batch))
                 state.samples_in_epoch = min(len(train_data), state.samples_in_epoch + global_batch)
+                state.steps_in_epoch += 1
                 state.global_step += 1
 
                 if state.global_step % cfg.log_every == 0:
@@ -347,14 +355,22 @@ def _start_run(model: torch.nn.Module, cfg: TrainConfig, options: TrainOptions) 
                 RunState(world_size=dist_ctx.world_size), log)
 
 
-def _resume(run: _Run) -> bool:
+def _resume(run: _Run, streamed: bool = False) -> bool:
     """Restore model, optimizers, scaler, RNG and position from last.pt; False when that run had finished.
 
     The position is kept in rows of the epoch's global order (RunState.samples_in_epoch), so the run may
-    continue with another number of processes; `world_size` is updated to the one continuing it.
+    continue with another number of processes; `world_size` is updated to the one continuing it. A
+    streamed epoch is dealt by the number of processes, so mid-epoch it resumes only under the same one.
     """
     state = load_checkpoint(run.checkpoint_path, run.model, run.optimizers, run.scaler, run.digest)
     run.state = state
+    world_size = run.options.dist_ctx.world_size
+    if streamed and state.steps_in_epoch and state.world_size != world_size:
+        raise ValueError(
+            f"{run.checkpoint_path} stopped {state.steps_in_epoch} steps into a streamed epoch "
+            f"(train.data_loading=stream) with {state.world_size} process(es); its shards were dealt to that "
+            f"many, so it cannot continue exactly with {world_size}: resume with --nproc-per-node "
+            f"{state.world_size}, or from a checkpoint written at an epoch's end")
     run.log(f"resumed from {run.checkpoint_path}: epoch {state.epoch}, {state.samples_in_epoch:,} rows into it, "
             f"global step {state.global_step} (written with {state.world_size} process(es), "
             f"now {run.options.dist_ctx.world_size})")
@@ -381,13 +397,18 @@ def _step_model(run: _Run) -> torch.nn.Module:
     return step_model
 
 
-def _remaining_batches(run: _Run, train_data: SplitData) -> tuple[int, Iterator[Batch]]:
+def _remaining_batches(run: _Run, train_data: TrainData) -> tuple[int, Iterator[Batch]]:
     """The current epoch's steps still to take, and their batches for this rank.
 
-    A resumed run starts at the row it had reached, so it neither repeats nor skips a batch of the
-    epoch's order; the step count feeds the progress bar.
+    A resumed run starts at the row (a stream: the step) it had reached, so it neither repeats nor skips
+    a batch of the epoch's order; the step count feeds the progress bar.
     """
     cfg, state, dist_ctx = run.cfg, run.state, run.options.dist_ctx
+    if isinstance(train_data, ShardStream):
+        epoch = train_data.epoch(seed=run.options.seed, epoch=state.epoch, rank=dist_ctx.rank,
+                                 world_size=dist_ctx.world_size, batch_size=cfg.batch_size)
+        return epoch.steps - state.steps_in_epoch, epoch.batches(state.steps_in_epoch,
+                                                                pin_memory=run.device.type == "cuda")
     total_steps = steps_per_epoch(len(train_data) - state.samples_in_epoch, cfg.batch_size, dist_ctx.world_size)
     batches = iterate_batches(train_data, cfg.batch_size, shuffle=True, seed=run.options.seed, epoch=state.epoch,
                               start_sample=state.samples_in_epoch, rank=dist_ctx.rank,
@@ -474,7 +495,7 @@ def _end_epoch(run: _Run, validate: Validator | None, tally: _EpochTally, elapse
     run.metrics.write(record)
     run.log(_epoch_line(record))
     state.epoch += 1
-    state.samples_in_epoch = 0
+    state.samples_in_epoch = state.steps_in_epoch = 0
     if state.bad_epochs >= cfg.patience:
         run.log(f"early stopping: valid {cfg.early_stopping_metric} has not improved for "
                 f"{state.bad_epochs} epoch(s); best epoch {state.best_epoch}")
