@@ -17,6 +17,7 @@ per-event cost is the least-squares slope of wall time over events.
 
     .venv/bin/python bench/data_scale.py --sizes 1000000,10000000 --engines local,spark
     .venv/bin/python bench/data_scale.py --sizes 50000000 --engines spark --spark-conf spark.driver.memory=4g
+    .venv/bin/python bench/data_scale.py --sizes 2000000 --hot-user-events 1000000   # one user, 1M events
 """
 
 from __future__ import annotations
@@ -52,10 +53,14 @@ def cpu() -> str:
     return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no avx2'})"
 
 
-def generate(events: int, out: Path, file_rows: int, seed: int = 0) -> Path:
-    """A synthetic click log of `events` rows as parquet parts; reused if already complete."""
+def generate(events: int, out: Path, file_rows: int, seed: int = 0, hot_user_events: int = 0) -> Path:
+    """A synthetic click log of `events` rows as parquet parts; reused if already complete.
+
+    With `hot_user_events`, one extra user (id -1, a crawler or a shared device) owns that many of the
+    rows, spread over every file: the skew that puts a whole bucket, window and history on one task.
+    """
     done = out / "_COMPLETE"
-    if done.is_file() and int(done.read_text()) == events:
+    if done.is_file() and done.read_text() == f"{events}:{hot_user_events}":
         return out
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.parquet"):
@@ -67,6 +72,8 @@ def generate(events: int, out: Path, file_rows: int, seed: int = 0) -> Path:
     for f in range(files):
         n = min(file_rows, events - f * file_rows)
         user = (rng.pareto(1.2, n) * users / 20).astype(np.int64) % users
+        if hot_user_events:
+            user[rng.random(n) < hot_user_events / events] = -1
         item = (rng.pareto(1.1, n) * items / 50).astype(np.int64) % items
         lo, hi = f * span // files, (f + 1) * span // files
         time_ = _START + np.sort(rng.integers(lo, max(lo + 1, hi), n))
@@ -77,7 +84,7 @@ def generate(events: int, out: Path, file_rows: int, seed: int = 0) -> Path:
             "label": (rng.random(n) < 0.05 + 0.1 * (item % 7 == 0)).astype(np.int64),
         })
         pq.write_table(table, out / f"part-{f:05d}.parquet")
-    done.write_text(str(events))
+    done.write_text(f"{events}:{hot_user_events}")
     return out
 
 
@@ -197,15 +204,19 @@ def main() -> None:
     parser.add_argument("--spark-conf", action="append", default=[], help="KEY=VALUE, e.g. spark.driver.memory=4g")
     parser.add_argument("--train", action="store_true", help="also train (stream) on the last engine's output")
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--hot-user-events", type=int, default=0,
+                        help="one user owns this many of the events (skew), e.g. 1000000 of 10000000")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results: dict[str, Any] = {"cpu": cpu(), "runs": []}
     print(f"# {results['cpu']}", file=sys.stderr)
     for size in [int(s) for s in args.sizes.split(",")]:
-        log = generate(size, WORK / str(size) / "log", args.file_rows)
+        name = f"{size}-hot{args.hot_user_events}" if args.hot_user_events else str(size)
+        log = generate(size, WORK / name / "log", args.file_rows, hot_user_events=args.hot_user_events)
         for engine in args.engines.split(","):
-            work = WORK / str(size) / engine
-            run = {"events": size, "engine": engine, **prepare(log, work, engine, args.spark_conf)}
+            work = WORK / name / engine
+            run = {"events": size, "engine": engine, "hot_user_events": args.hot_user_events,
+                   **prepare(log, work, engine, args.spark_conf)}
             if args.train:
                 run["train"] = train(work, args.batch_size)
             results["runs"].append(run)

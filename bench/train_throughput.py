@@ -301,7 +301,6 @@ def run_recforge(data: tuple[np.ndarray, ...], optimizer: str, amp: str) -> dict
 
 def run_prepared(prepared: Path, mode: str, shuffle_buffer: int, val: tuple[np.ndarray, ...]) -> dict[str, Any]:
     """train() on the sharded split, all in memory or streamed: the timed part is the epoch loop."""
-    import resource
 
     from recforge.data.batches import SplitData
     from recforge.data.stream import ShardStream
@@ -321,9 +320,15 @@ def run_prepared(prepared: Path, mode: str, shuffle_buffer: int, val: tuple[np.n
     record["samples_per_s"] = round(result.samples_per_s, 1)
     record["train_loss"] = round(result.state.history[-1]["train_loss"], 5)
     record["shuffle_buffer"] = shuffle_buffer if mode == "stream" else None
-    record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    record["peak_rss_mib"] = _peak_rss_mib()
     record["auc"] = _val_auc(_recforge_scorer(model), *val)
     return record
+
+
+def _peak_rss_mib() -> int:
+    """This process's own peak (VmHWM): ru_maxrss survives exec and would include the parent's."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
 
 
 def _naive_model() -> Any:

@@ -197,7 +197,7 @@ def test_streamed_run_resumed_mid_epoch_ends_with_identical_weights(tmp_path):
 
 
 _RSS_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import torch
     from recforge.config import ModelConfig, TrainConfig
     from recforge.data.batches import SplitData
@@ -214,8 +214,10 @@ _RSS_SCRIPT = textwrap.dedent("""
                       data_loading=mode, shuffle_buffer=20_000)
     data = ShardStream.open(prepared, "train", 20_000) if mode == "stream" else SplitData.load(prepared, "train")
     result = train(model, data, None, cfg, TrainOptions(run_dir, seed=0, log=lambda _: None))
-    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      "steps": result.state.global_step}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the forking
+    # test worker's peak; VmHWM belongs to this process's own address space.
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"maxrss_kib": int(hwm.split()[1]), "steps": result.state.global_step}))
 """)
 
 

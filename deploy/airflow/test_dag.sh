@@ -4,6 +4,7 @@
 # take skip_publish. Airflow lives in its own venv (.venv-airflow): its pins conflict with .venv.
 #   deploy/airflow/test_dag.sh            # creates .venv-airflow on first use (pip, from PyPI)
 #   AIRFLOW_VENV=/path deploy/airflow/test_dag.sh
+#   deploy/airflow/test_dag.sh --install-only   # only create .venv-airflow (make test overlaps it with pytest)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${AIRFLOW_VENV:-$ROOT/.venv-airflow}"
@@ -17,6 +18,10 @@ if [ ! -x "$VENV/bin/airflow" ]; then
     -c "$ROOT/deploy/airflow/constraints-3.11.txt" 2> >(grep -v "is ignored: it is neither" >&2)
 fi
 installed=$(date +%s)
+if [ "${1:-}" = "--install-only" ]; then
+  echo "airflow venv ready in $((installed - started))s: $VENV"
+  exit 0
+fi
 
 WORK="$(mktemp -d)"
 # Kept on failure (airflow logs, pipeline state and run logs are under it), removed on success.

@@ -240,8 +240,12 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
 
     @property
-    def resolved_source(self) -> Path:
-        return Path(self.data.source) if self.data.source else Path(self.workdir) / "raw" / "events"
+    def resolved_source(self) -> Path | str:
+        """The log: a local path, or an object-store URI (s3://, s3a://) kept as text."""
+        if self.data.source and "://" in self.data.source and not self.data.source.startswith("file://"):
+            return self.data.source
+        return Path(self.data.source.removeprefix("file://")) if self.data.source \
+            else Path(self.workdir) / "raw" / "events"
 
     @property
     def resolved_prepared_dir(self) -> Path:

@@ -181,11 +181,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# URIs: local paths (plain or file://) and S3-compatible object stores (s3://)
+# URIs: local paths (plain or file://) and S3-compatible object stores (s3://; s3a://, Hadoop's name, alike)
 # ---------------------------------------------------------------------------------------------
 
 COMMIT_MARKER = "_COMMITTED.json"
-REMOTE_SCHEMES = ("s3",)
+REMOTE_SCHEMES = ("s3", "s3a")
 SINGLE_PUT_MAX = 64 << 20  # larger files go up as multipart uploads
 TRANSFER_THREADS = 8
 _T = TypeVar("_T")
@@ -518,6 +518,33 @@ def list_dir(uri: str | Path) -> list[str]:
             return []
 
     return _retry("listing of", uri, ls)
+
+
+def list_tree(uri: str | Path) -> list[tuple[str, int]]:
+    """Every object under the prefix `uri` as (name relative to it, size), sorted by name; [] if none."""
+    fs = _s3()
+    root = _fs_path(uri).rstrip("/")
+
+    def find() -> dict[str, Any]:
+        try:
+            return fs.find(root, detail=True)
+        except FileNotFoundError:
+            return {}
+
+    found = _retry("listing of", uri, find)
+    # A URI naming one object lists that object, under its own name.
+    entries = [(key[len(root):].lstrip("/") or key.rsplit("/", 1)[-1], int(info.get("size") or 0))
+               for key, info in found.items() if info.get("type", "file") != "directory"]
+    return sorted(entries)
+
+
+def read_head(uri: str | Path, nbytes: int) -> bytes:
+    """The first `nbytes` of an object (fewer if it is shorter): enough to sniff a format or a header."""
+    if not is_remote(uri):
+        with open(_local(uri), "rb") as handle:
+            return handle.read(nbytes)
+    fs = _s3()
+    return _retry("read of", uri, lambda: fs.cat_file(_fs_path(uri), start=0, end=nbytes))
 
 
 def delete(uri: str | Path) -> None:

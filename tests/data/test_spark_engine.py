@@ -32,7 +32,9 @@ SPLITS = ("train", "valid", "test")
 
 
 @pytest.fixture(scope="module")
-def spark():
+def spark(s3_server):
+    """Started after the S3 server, whose endpoint and keys are in os.environ: the JVM and the Python
+    workers it forks take the environment they start with, and the s3a:// test reads through them."""
     from pyspark.sql import SparkSession
 
     os.environ["PYSPARK_PYTHON"] = sys.executable  # the workers run recforge's code: this interpreter
@@ -75,7 +77,7 @@ def _write_log(root: Path, files: int = 3, rows: int = 1500, seed: int = 0) -> P
     return root
 
 
-def _config(tmp: Path, source: Path, engine: str, name: str, **data) -> Config:
+def _config(tmp: Path, source: Path | str, engine: str, name: str, **data) -> Config:
     return Config.model_validate({
         "seed": 7, "workdir": str(tmp / name), "prepared_dir": str(tmp / name / "prepared"),
         "data": {"source": str(source), "format": data.pop("format", "csv"), "engine": engine, "history_length": 4,
@@ -209,11 +211,11 @@ def test_leave_last_out_hashing_and_schema_drift_match(spark, tmp_path):
     assert validate_source(spark_cfg).result.report() == report
 
 
-def test_one_corrupt_file_among_hundreds_is_named(spark, tmp_path):
+def test_one_corrupt_file_among_a_thousand_is_named(spark, tmp_path):
     source = tmp_path / "log"
     source.mkdir()
     header = "user_id,item_id,timestamp,device,category,price\n"
-    for f in range(250):
+    for f in range(1000):
         (source / f"part-{f:04d}.csv").write_text(header + f"{f % 17},{f % 23},{1_700_000_000 + f},ios,c1,1.5\n")
     (source / "part-0613.csv").write_bytes(b"user_id,item_id\n\x00\x01garbage\n")
     with pytest.raises(DataError, match=r"1 file\(s\) could not be read: .*part-0613\.csv"):
@@ -228,3 +230,32 @@ def test_a_huge_line_is_read_or_quarantined_like_local(spark, tmp_path):
     local = validate_source(_config(tmp_path, source, "local", "local"))
     sparked = validate_source(_config(tmp_path, source, "spark", "spark"))
     assert local.result.report() == sparked.result.report()
+
+
+def test_a_log_on_s3_prepares_like_its_local_copy(spark, s3_prefix, tmp_path):
+    from recforge.storage import put_bytes, put_file
+
+    source = _write_log(tmp_path / "log", files=3, rows=400)
+    for file in sorted(source.iterdir()):
+        put_file(file, f"{s3_prefix}/log/day=1/{file.name}")
+    put_bytes(f"{s3_prefix}/log/_SUCCESS", b"")  # what writers leave beside the data: not read
+    put_bytes(f"{s3_prefix}/log/day=1/.part-9.csv.tmp", b"half,written")
+    # The local files sit one folder deeper on S3: same names relative to the root, as in day=1/part-000.csv.
+    nested = tmp_path / "nested"
+    shutil.copytree(source, nested / "day=1")
+    local = prepare_data(_config(tmp_path, nested, "local", "local"))
+    remote = prepare_data(_config(tmp_path, f"{s3_prefix}/log", "local", "remote"))
+    sparked = prepare_data(_config(tmp_path, f"{s3_prefix.replace('s3://', 's3a://', 1)}/log", "spark",
+                                   "spark"))
+    report = local[1].report()
+    assert report["rows_read"] == 3 * 400 + 1 and report == remote[1].report() == sparked[1].report()
+    _assert_same_dataset(local[0].path, remote[0].path)
+    _assert_same_dataset(local[0].path, sparked[0].path)
+    assert json.loads((remote[0].path / "meta.json").read_text())["source"]["files"] == \
+        [f"day=1/part-{f:03d}.csv" for f in range(3)]
+    # A missing prefix and a bad row are named by their URI.
+    with pytest.raises(DataError, match="no such file or prefix: s3://.*/nothing"):
+        validate_source(_config(tmp_path, f"{s3_prefix}/nothing", "local", "missing"))
+    put_bytes(f"{s3_prefix}/bad/part-000.csv", b"user_id,item_id\n1,2\n")
+    with pytest.raises(DataError, match=r"s3a://.*/bad/part-000\.csv"):
+        validate_source(_config(tmp_path, f"{s3_prefix.replace('s3://', 's3a://', 1)}/bad", "spark", "bad"))

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,7 @@ from recforge.data.schema import (
     check_columns,
     required_columns,
 )
+from recforge.storage import StorageError, get_file, is_remote, list_tree, read_head
 
 Format = Literal["auto", "parquet", "csv", "movielens"]
 FileFormat = Literal["parquet", "csv", "movielens"]
@@ -53,6 +55,15 @@ _LOG = logging.getLogger(__name__)
 Malformed = dict[int, str]
 
 
+class SourceFile(NamedTuple):
+    """One data file of a log: where it is (a local Path, or an s3:// / s3a:// URI), its name, format, size."""
+
+    location: Path | str
+    name: str
+    format: FileFormat
+    size: int
+
+
 def read_events(path: str | Path, fmt: Format, schema: SchemaConfig) -> pa.Table:
     """Read one log file, or every data file of a directory (sorted by name) into one table.
 
@@ -64,15 +75,20 @@ def read_events(path: str | Path, fmt: Format, schema: SchemaConfig) -> pa.Table
     file fails fast.
     """
     files = list_files(path, fmt)
-    tables = [read_file(file, name, file_fmt, schema) for file, name, file_fmt in files]
-    return _concat(tables, [name for _, name, _ in files], Path(path))
+    tables = [read_file(file.location, file.name, file.format, schema) for file in files]
+    return _concat(tables, [file.name for file in files], path)
 
 
-def list_files(path: str | Path, fmt: Format) -> list[tuple[Path, str, FileFormat]]:
-    """The data files `read_events` reads, in its order: (file, name relative to `path`, format)."""
+def list_files(path: str | Path, fmt: Format) -> list[SourceFile]:
+    """The data files `read_events` reads, in its order (by name relative to `path`)."""
     if fmt not in _FORMATS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(_FORMATS)}")
-    root = Path(path)
+    if is_remote(path):
+        return _list_remote(str(path), fmt)
+    scheme = str(path).split("://", 1)[0] if "://" in str(path) else "file"
+    if scheme != "file":
+        raise DataError(f"{path}: {scheme}:// sources are not read; use a local or mounted path, s3:// or s3a://")
+    root = Path(str(path).removeprefix("file://"))
     if not root.exists():
         raise DataError(f"no such file or directory: {root}")
     if root.is_dir():
@@ -83,7 +99,44 @@ def list_files(path: str | Path, fmt: Format) -> list[tuple[Path, str, FileForma
     else:
         files = [(root, root.name)]
         formats = [detect_format(root) if fmt == "auto" else fmt]
-    return [(file, name, file_fmt) for (file, name), file_fmt in zip(files, formats, strict=True)]
+    return [SourceFile(file, name, file_fmt, file.stat().st_size)
+            for (file, name), file_fmt in zip(files, formats, strict=True)]
+
+
+def _list_remote(uri: str, fmt: Format) -> list[SourceFile]:
+    """A log on an object store: the same hidden-name and suffix rules as a local directory."""
+    try:
+        listed = list_tree(uri)
+    except StorageError as exc:
+        raise DataError(f"cannot list {uri}: {_one_line(exc)}") from exc
+    if not listed:
+        raise DataError(f"no such file or prefix: {uri}")
+    single = len(listed) == 1 and uri.rstrip("/").endswith("/" + listed[0][0])
+    # One object named explicitly is read whatever its name, as a local file is.
+    kept = listed if single else [(name, size) for name, size in listed if _listed_data_file(name)]
+    if not kept:
+        raise DataError(f"{uri} holds no data files (.parquet, .pq, .csv, .dat or u.data; "
+                        "names starting with '.' or '_' are ignored)")
+    base = uri.rstrip("/")
+    locations = [base if single else f"{base}/{name}" for name, _ in kept]
+    formats: list[FileFormat] = [_remote_format(location) if fmt == "auto" else fmt for location in locations]
+    if fmt == "auto" and not single:
+        _check_one_format(Path(uri), [name for name, _ in kept], formats)
+    return [SourceFile(location, name, file_fmt, size)
+            for location, (name, size), file_fmt in zip(locations, kept, formats, strict=True)]
+
+
+def _listed_data_file(name: str) -> bool:
+    """The rule of _data_files for a name relative to the listed prefix."""
+    return _is_data_file(name.rsplit("/", 1)[-1]) and not any(part.startswith((".", "_")) for part in name.split("/"))
+
+
+def _remote_format(uri: str) -> FileFormat:
+    lower = uri.rsplit("/", 1)[-1].lower()
+    if lower.endswith(".csv"):
+        head = read_head(uri, _HEADER_LIMIT).split(b"\n", 1)[0]
+        return "movielens" if _header_fields(head, uri) == _MOVIELENS_CSV_HEADER else "csv"
+    return detect_format(uri)
 
 
 def detect_format(path: str | Path) -> FileFormat:
@@ -148,8 +201,16 @@ def _check_not_empty(file: Path) -> None:
         raise DataError(f"{file} is empty: no data rows")
 
 
-def read_file(file: Path, name: str, fmt: FileFormat, schema: SchemaConfig) -> pa.Table:
-    """One data file with `_file` = `name` and `_row` numbers (see read_events)."""
+def read_file(file: Path | str, name: str, fmt: FileFormat, schema: SchemaConfig) -> pa.Table:
+    """One data file with `_file` = `name` and `_row` numbers (see read_events).
+
+    A file on an object store is copied to local disk first (one file at a time, removed after):
+    the readers need random access (parquet footers, a second pass for long CSV lines), and errors
+    name the URI, not the copy.
+    """
+    if is_remote(file):
+        return _read_remote(str(file), name, fmt, schema)
+    file = Path(file)
     _check_not_empty(file)
     with open(file, "rb") as handle:
         is_parquet = handle.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC
@@ -174,6 +235,19 @@ def read_file(file: Path, name: str, fmt: FileFormat, schema: SchemaConfig) -> p
     if table.num_rows == 0 and not malformed:
         raise DataError(f"{file} is empty: no data rows")
     return _number_rows(table, name, malformed, file)
+
+
+def _read_remote(uri: str, name: str, fmt: FileFormat, schema: SchemaConfig) -> pa.Table:
+    with tempfile.TemporaryDirectory(prefix="recforge-source-") as scratch:
+        local = Path(scratch) / uri.rsplit("/", 1)[-1]
+        try:
+            get_file(uri, local)
+        except (StorageError, FileNotFoundError) as exc:
+            raise DataError(f"cannot download {uri}: {_one_line(exc)}") from exc
+        try:
+            return read_file(local, name, fmt, schema)
+        except DataError as exc:
+            raise DataError(str(exc).replace(str(local), uri)) from exc
 
 
 def _number_rows(table: pa.Table, name: str, malformed: Malformed, file: Path) -> pa.Table:
@@ -217,6 +291,10 @@ def _read_header(file: Path) -> list[str]:
     """The first line of a delimited file, parsed with CSV quoting rules."""
     with open(file, "rb") as handle:
         head = handle.readline(_HEADER_LIMIT)
+    return _header_fields(head, file)
+
+
+def _header_fields(head: bytes, file: Path | str) -> list[str]:
     if head.startswith(_UTF8_BOM):
         head = head[len(_UTF8_BOM) :]
     try:
@@ -368,7 +446,7 @@ def _read_double_colon(file: Path) -> tuple[pa.Table, Malformed]:
     return pa.table(columns), malformed
 
 
-def _concat(tables: list[pa.Table], names: list[str], root: Path) -> pa.Table:
+def _concat(tables: list[pa.Table], names: list[str], root: Path | str) -> pa.Table:
     """Stack per-file tables; columns whose types disagree between files fall back to text.
 
     Partitions written at different times often differ in width (int32 vs int64) or time unit;

@@ -1,4 +1,4 @@
-"""Stage 1 on Spark: every file read and checked by recforge's own readers and row rules, one task per file.
+"""Stage 1 on Spark: every file read and checked by recforge's own readers and row rules, files packed into tasks.
 
 A task runs `sources.read_file` and `validate.check_rows` on its file, exactly as the local engine
 does, so row numbers, parsing, time units and quarantine reasons are identical by construction;
@@ -31,6 +31,28 @@ ORDER_BITS = 40  # rows per file below 2**40; files below 2**23
 _KEPT = -1
 _BATCH_ROWS = 65536
 _SHOWN_ERRORS = 5
+_TASK_BYTES = 128 << 20  # as spark.sql.files.maxPartitionBytes: a task reads about this much
+_TASKS_PER_CORE = 2
+
+
+def pack_files(sizes: list[int], parallelism: int) -> list[list[int]]:
+    """Consecutive file indices grouped into tasks of about equal bytes (a large file is a task alone).
+
+    One task per file costs a task's start-up per file, which dominates a log of many small files;
+    the target is the smaller of _TASK_BYTES and an even share over the cluster's cores, so a small
+    log still keeps every core busy.
+    """
+    total = sum(sizes)
+    target = max(1, min(_TASK_BYTES, total // max(1, parallelism * _TASKS_PER_CORE)))
+    groups: list[list[int]] = [[]]
+    filled = 0
+    for index, size in enumerate(sizes):
+        if groups[-1] and filled + size > target:
+            groups.append([])
+            filled = 0
+        groups[-1].append(index)
+        filled += size
+    return groups if groups[0] else []
 
 
 def clean_types(schema: SchemaConfig) -> dict[str, pa.DataType]:
@@ -58,7 +80,7 @@ def _batches(columns: dict[str, Any], target: pa.Schema) -> Iterator[pa.RecordBa
 def _checked_rows(index: int, path: str, name: str, fmt: str, schema: SchemaConfig, target: pa.Schema
                   ) -> Iterator[pa.RecordBatch]:
     try:
-        checks = check_rows(read_file(Path(path), name, fmt, schema), schema)  # type: ignore[arg-type]
+        checks = check_rows(read_file(path, name, fmt, schema), schema)  # type: ignore[arg-type]
     except DataError as exc:
         yield from _batches({"_file": pa.array([name]), "_error": pa.array([str(exc)])}, target)
         return
@@ -88,16 +110,19 @@ def check_files(spark: Any, source: str | Path, fmt: str, schema: SchemaConfig) 
         raise DataError(f"{source}: {len(files):,} files; at most {1 << (63 - ORDER_BITS):,} can be ordered")
     target = checked_schema(schema)
     listing = pa.table({"index": pa.array(range(len(files)), pa.int64()),
-                        "path": [str(file) for file, _, _ in files], "name": [name for _, name, _ in files],
-                        "format": [file_fmt for _, _, file_fmt in files]})
+                        "path": [str(file.location) for file in files], "name": [file.name for file in files],
+                        "format": [file.format for file in files]})
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for index, path, name, file_fmt in zip(*(batch.column(i).to_pylist() for i in range(4)), strict=True):
                 yield from _checked_rows(index, path, name, file_fmt, schema, target)
 
-    rdd = spark.sparkContext.parallelize(listing.to_pylist(), numSlices=max(1, len(files)))
-    listed = spark.createDataFrame(rdd, "index long, path string, name string, format string")
+    rows = listing.to_pylist()
+    groups = pack_files([file.size for file in files], spark.sparkContext.defaultParallelism)
+    tasks = spark.sparkContext.parallelize([[rows[i] for i in group] for group in groups], max(1, len(groups)))
+    listed = spark.createDataFrame(tasks.flatMap(lambda group: group),
+                                   "index long, path string, name string, format string")
     from pyspark.sql.pandas.types import from_arrow_schema
 
     return listed.mapInArrow(run, from_arrow_schema(target))
