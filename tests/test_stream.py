@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from recforge.config import ModelConfig, TrainConfig
+from recforge.data.batches import SplitData
 from recforge.data.shards import shard_bounds, shard_name, write_manifest, write_shard
 from recforge.data.stream import ShardStream, deal, shard_order
+from recforge.evaluate import evaluate, evaluate_parts
 from recforge.features import FeatureLayout
 from recforge.models import build_model
 from recforge.train.checkpoint import read_checkpoint
@@ -27,15 +29,22 @@ FEATURES = FeatureLayout(("user", "item", "hour"), (51, 41, 25), ("position",))
 
 def _write_split(root: Path, columns: dict[str, np.ndarray], shard_rows: int, split: str = "train") -> None:
     """`columns` (one split, histories as values + offsets) cut into shards, with their manifest."""
-    offsets = columns.get("history_offsets")
-    entries = []
-    for index, (start, stop) in enumerate(shard_bounds(len(columns["label"]), shard_rows)):
-        shard = {name: values[start:stop] for name, values in columns.items() if not name.startswith("history")}
-        if offsets is not None:
-            shard["history_values"] = columns["history_values"][offsets[start]:offsets[stop]]
-            shard["history_offsets"] = offsets[start:stop + 1] - offsets[start]
-        entries.append(write_shard(root / split / shard_name(index), shard))
-    write_manifest(root, {split: entries}, shard_rows=shard_rows, features={}, engine="test")
+    _write_splits(root, {split: columns}, shard_rows)
+
+
+def _write_splits(root: Path, splits: dict[str, dict[str, np.ndarray]], shard_rows: int) -> None:
+    manifest = {}
+    for split, columns in splits.items():
+        offsets = columns.get("history_offsets")
+        entries = []
+        for index, (start, stop) in enumerate(shard_bounds(len(columns["label"]), shard_rows)):
+            shard = {name: values[start:stop] for name, values in columns.items() if not name.startswith("history")}
+            if offsets is not None:
+                shard["history_values"] = columns["history_values"][offsets[start]:offsets[stop]]
+                shard["history_offsets"] = offsets[start:stop + 1] - offsets[start]
+            entries.append(write_shard(root / split / shard_name(index), shard))
+        manifest[split] = entries
+    write_manifest(root, manifest, shard_rows=shard_rows, features={}, engine="test")
 
 
 def _numbered(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -196,14 +205,24 @@ def test_streamed_run_resumed_mid_epoch_ends_with_identical_weights(tmp_path):
         assert torch.equal(a, b), f"{name} differs after resume"
 
 
+def test_validation_over_shards_equals_validation_of_the_whole_split(tmp_path):
+    _write_split(tmp_path / "data", _toy_columns(3000, seed=4), shard_rows=400, split="valid")
+    model = _model()
+    whole = evaluate(model, SplitData.load(tmp_path / "data", "valid"), batch_size=256)
+    parts = evaluate_parts(model, SplitData.each_shard(tmp_path / "data", "valid"), batch_size=256)
+    assert parts == pytest.approx(whole, rel=1e-12) and parts["rows"] == 3000
+
+
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys
+    from pathlib import Path
     import torch
-    from recforge.config import ModelConfig, TrainConfig
+    from recforge.config import Config, ModelConfig, TrainConfig
     from recforge.data.batches import SplitData
     from recforge.data.stream import ShardStream
     from recforge.features import FeatureLayout
     from recforge.models import build_model
+    from recforge.recipes.kinds import ranking_validator
     from recforge.train.trainer import TrainOptions, train
 
     prepared, mode, run_dir = sys.argv[1:4]
@@ -213,7 +232,8 @@ _RSS_SCRIPT = textwrap.dedent("""
     cfg = TrainConfig(epochs=1, batch_size=4096, progress=False, checkpoint_every=0, device="cpu",
                       data_loading=mode, shuffle_buffer=20_000)
     data = ShardStream.open(prepared, "train", 20_000) if mode == "stream" else SplitData.load(prepared, "train")
-    result = train(model, data, None, cfg, TrainOptions(run_dir, seed=0, log=lambda _: None))
+    validate = ranking_validator(Path(prepared), features, Config.model_validate({"train": cfg.model_dump()}))
+    result = train(model, data, validate, cfg, TrainOptions(run_dir, seed=0, log=lambda _: None))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the forking
     # test worker's peak; VmHWM belongs to this process's own address space.
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -221,14 +241,25 @@ _RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _wide_columns(n: int) -> dict[str, np.ndarray]:
-    """~250 bytes a row: 8 categorical, 8 numeric, a history of ~10 items."""
+def _wide_columns(n: int, max_history: int = 20) -> dict[str, np.ndarray]:
+    """8 categorical, 8 numeric, a history of ~max_history/2 items: ~250 bytes a row at the default."""
     rng = np.random.default_rng(n)
-    lengths = rng.integers(0, 21, n)
+    lengths = rng.integers(0, max_history + 1, n)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return {"categorical": rng.integers(0, 64, (n, 8)), "numeric": rng.normal(size=(n, 8)).astype(np.float32),
-            "label": (rng.random(n) < 0.3).astype(np.float32), "timestamp": np.arange(n), "user_key": np.arange(n),
+            "label": (rng.random(n) < 0.3).astype(np.float32), "timestamp": np.arange(n),
+            "user_key": np.arange(n) % 97,  # users with both labels, for GAUC
             "history_values": rng.integers(1, 64, int(offsets[-1])), "history_offsets": offsets}
+
+
+def _peak_mib(prepared: Path, mode: str, run_dir: Path, train_rows: int) -> int:
+    """Peak RSS of one process training an epoch on `prepared` (and validating on its valid split)."""
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(prepared), mode, str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["steps"] == -(-train_rows // 4096)
+    return record["maxrss_kib"] // 1024
 
 
 @pytest.mark.slow
@@ -236,20 +267,37 @@ def test_streaming_peak_memory_does_not_grow_with_the_split(tmp_path):
     peaks: dict[tuple[str, int], int] = {}
     for times in (4, 16):
         prepared = tmp_path / f"x{times}"
-        _write_split(prepared, _wide_columns(20_000 * times), shard_rows=20_000)
+        _write_splits(prepared, {"train": _wide_columns(20_000 * times), "valid": _wide_columns(20_000)},
+                      shard_rows=20_000)
         for mode in ("stream", "memory"):
-            command = [sys.executable, "-c", _RSS_SCRIPT, str(prepared), mode, str(tmp_path / f"{mode}{times}")]
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            record = json.loads(proc.stdout.strip().splitlines()[-1])
-            assert record["steps"] == -(-20_000 * times // 4096)
-            peaks[mode, times] = record["maxrss_kib"] // 1024
+            peaks[mode, times] = _peak_mib(prepared, mode, tmp_path / f"{mode}{times}", 20_000 * times)
     grown = {mode: peaks[mode, 16] - peaks[mode, 4] for mode in ("stream", "memory")}
     # 12x more rows, ~50 MiB more on disk: the memory path holds them all, the stream one shard
     # and its buffer whatever the split's size (measured: +48 MiB against -2 MiB).
     more = (_size(tmp_path / "x16") - _size(tmp_path / "x4")) / 2**20
     assert grown["memory"] > 0.6 * more, (peaks, more)
     assert grown["stream"] < 0.15 * more, (peaks, more)
+
+
+@pytest.mark.slow
+def test_streamed_validation_keeps_a_few_bytes_per_valid_row_not_the_rows(tmp_path):
+    peaks: dict[tuple[str, int], int] = {}
+    # Wide rows (~900 bytes: histories of ~100 items), so holding them shows. Two shards at least on
+    # both sides: the allocator's footprint settles after the second shard, whatever the count.
+    for shards in (2, 12):
+        prepared = tmp_path / f"v{shards}"
+        _write_splits(prepared, {"train": _wide_columns(20_000), "valid": _wide_columns(10_000 * shards, 200)},
+                      shard_rows=10_000)
+        for mode in ("stream", "memory"):
+            peaks[mode, shards] = _peak_mib(prepared, mode, tmp_path / f"{mode}{shards}", 20_000)
+    grown = {mode: peaks[mode, 12] - peaks[mode, 2] for mode in ("stream", "memory")}
+    more = (_size(tmp_path / "v12" / "valid") - _size(tmp_path / "v2" / "valid")) / 2**20
+    # Exact AUC/GAUC need every row's label, logit and user (24 bytes) and, while they are computed,
+    # the metrics' sort orders: the stream keeps only those, the memory path the whole valid split
+    # (a copy of each row, and its mapped pages). Measured: memory +3.2x the added bytes, the stream
+    # +0.15x to +0.45x (the allocator's footprint varies run to run).
+    assert grown["memory"] > 1.5 * more, (peaks, more)
+    assert grown["stream"] < 0.6 * more, (peaks, more)
 
 
 def _size(root: Path) -> int:

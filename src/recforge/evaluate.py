@@ -8,7 +8,7 @@ way for every user encoder: `full_catalog_metrics` ranks the whole catalog, no s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +70,22 @@ def evaluate(
 ) -> dict[str, float]:
     logits = predict_logits(scorer, data, batch_size, device)
     return ranking_metrics(data.label.numpy().astype(np.float64), logits, data.user_key)
+
+
+def evaluate_parts(
+    scorer: Scorer, parts: Iterable[SplitData], batch_size: int = 65536, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """`evaluate` over a split read in parts (its shards): only each row's label, logit and user key
+    (24 bytes) are kept across parts, so the metrics are exact and the rows are never all in memory."""
+    labels, logits, users = [], [], []
+    for part in parts:
+        logits.append(predict_logits(scorer, part, batch_size, device))
+        labels.append(part.label.numpy().astype(np.float64))
+        users.append(part.user_key)
+        del part  # before the next part is read: one part in memory at a time, not two
+    if not labels:
+        return ranking_metrics(np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+    return ranking_metrics(np.concatenate(labels), np.concatenate(logits), np.concatenate(users))
 
 
 def full_catalog_metrics(

@@ -69,6 +69,13 @@ class SplitData:
         return cls.from_columns(split, columns)
 
     @classmethod
+    def each_shard(cls, prepared_dir: str | Path, split: str) -> Iterator[SplitData]:
+        """The split one shard at a time, each in memory only while the caller holds it: what a
+        streamed run evaluates with, so its memory stays one shard whatever the split's size."""
+        for shard in split_shards(prepared_dir, split):
+            yield cls.from_columns(split, shard.load())
+
+    @classmethod
     def from_columns(cls, split: str, columns: dict[str, np.ndarray]) -> SplitData:
         def tensor(name: str) -> torch.Tensor:
             # Copy out of the memory map: training reads every row each epoch, and a private copy

@@ -21,7 +21,7 @@ from recforge.config import Config
 from recforge.data.batches import SplitData
 from recforge.data.shards import split_column, split_shards
 from recforge.data.stream import ShardStream
-from recforge.evaluate import RetrievalTask, evaluate, full_catalog_metrics, retrieval_task
+from recforge.evaluate import RetrievalTask, evaluate, evaluate_parts, full_catalog_metrics, retrieval_task
 from recforge.features import FeatureLayout
 from recforge.models import ModelKind, model_entry
 from recforge.recipes.runs import item_catalog
@@ -71,11 +71,16 @@ def in_batch_retrieval(model: nn.Module, train_data: TrainSplit, features: Featu
 
 
 def ranking_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:
-    """Validation on the prepared valid split, loaded on first use: under DDP only rank 0 calls it."""
+    """Validation on the prepared valid split: under DDP only rank 0 calls it. In memory it is loaded
+    on first use and kept; a streamed run (train.data_loading=stream) reads it one shard at a time
+    each epoch instead, so validation, too, holds one shard whatever the split's size."""
     loaded: list[SplitData] = []
     batch_size = cfg.train.eval_batch_size
 
     def run(model: nn.Module) -> dict[str, float]:
+        if cfg.train.data_loading == "stream":
+            metrics = evaluate_parts(model, SplitData.each_shard(prepared, "valid"), batch_size)
+            return {k: metrics[k] for k in ("auc", "gauc", "logloss")}
         if not loaded:
             loaded.append(SplitData.load(prepared, "valid"))
         metrics = evaluate(model, loaded[0], batch_size)
