@@ -68,8 +68,7 @@ def ranking_metrics(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray) 
 def evaluate(
     scorer: Scorer, data: SplitData, batch_size: int = 65536, device: torch.device | str | None = None
 ) -> dict[str, float]:
-    logits = predict_logits(scorer, data, batch_size, device)
-    return ranking_metrics(data.label.numpy().astype(np.float64), logits, data.user_key)
+    return evaluate_parts(scorer, (data,), batch_size, device)
 
 
 def evaluate_parts(
@@ -83,6 +82,8 @@ def evaluate_parts(
         labels.append(part.label.numpy().astype(np.float64))
         users.append(part.user_key)
         del part  # before the next part is read: one part in memory at a time, not two
+    if len(labels) == 1:  # one part (a split in memory): no copies
+        return ranking_metrics(labels[0], logits[0], users[0])
     if not labels:
         return ranking_metrics(np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
     return ranking_metrics(np.concatenate(labels), np.concatenate(logits), np.concatenate(users))

@@ -9,7 +9,7 @@ model's class.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from recforge.config import Config
 from recforge.data.batches import SplitData
 from recforge.data.shards import split_column, split_shards
 from recforge.data.stream import ShardStream
-from recforge.evaluate import RetrievalTask, evaluate, evaluate_parts, full_catalog_metrics, retrieval_task
+from recforge.evaluate import RetrievalTask, evaluate_parts, full_catalog_metrics, retrieval_task
 from recforge.features import FeatureLayout
 from recforge.models import ModelKind, model_entry
 from recforge.recipes.runs import item_catalog
@@ -79,11 +79,12 @@ def ranking_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> V
 
     def run(model: nn.Module) -> dict[str, float]:
         if cfg.train.data_loading == "stream":
-            metrics = evaluate_parts(model, SplitData.each_shard(prepared, "valid"), batch_size)
-            return {k: metrics[k] for k in ("auc", "gauc", "logloss")}
-        if not loaded:
-            loaded.append(SplitData.load(prepared, "valid"))
-        metrics = evaluate(model, loaded[0], batch_size)
+            parts: Iterable[SplitData] = SplitData.each_shard(prepared, "valid")
+        else:
+            if not loaded:
+                loaded.append(SplitData.load(prepared, "valid"))
+            parts = loaded
+        metrics = evaluate_parts(model, parts, batch_size)
         return {k: metrics[k] for k in ("auc", "gauc", "logloss")}
 
     return run
