@@ -19,7 +19,7 @@ $(VENV)/.installed: $(BIN)/python $(LOCK) pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed $(DEV_LOCK) $(VENV)/.java
+$(VENV)/.installed-dev: $(VENV)/.installed $(DEV_LOCK) $(VENV)/.java $(VENV)/.redis
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r $(DEV_LOCK)
 	touch $@
 
@@ -29,6 +29,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed $(DEV_LOCK) $(VENV)/.java
 # saying what to install.
 $(VENV)/.java: tools/ensure_java.sh | $(BIN)/python
 	tools/ensure_java.sh
+	touch $@
+
+# redis-server 7+ for the shared online-state tests (serve --state redis://...); tools/ensure_redis.sh installs
+# Debian's package as root when it is missing, and otherwise fails with one line saying what to install.
+$(VENV)/.redis: tools/ensure_redis.sh | $(BIN)/python
+	tools/ensure_redis.sh
 	touch $@
 
 quickstart: $(VENV)/.installed

@@ -37,6 +37,12 @@ builds it again). The server runs with --workers 2 (one per core) unless --worke
     .venv/bin/python bench/serve_load.py                      # table
     .venv/bin/python bench/serve_load.py --json               # one JSON object
     .venv/bin/python bench/serve_load.py --routes recommend --concurrency 32 --duration 5 --workers 1
+    .venv/bin/python bench/serve_load.py --state local,redis --routes recommend   # the shared state beside local
+
+With --state redis the server runs `--state redis://...` against a redis-server started here on loopback
+(appendonly yes, appendfsync always: the no-loss setting), so every request reads the user's state from
+Redis and every event is fsynced there before its 200. Several states are measured one after the other
+in one sitting, and the redis/local ratios are reported.
 """
 
 from __future__ import annotations
@@ -492,6 +498,39 @@ def run_in_process(route: str, duration: float, data: Path, registry: Path, alia
 
 
 @contextlib.contextmanager
+def redis_state() -> Iterator[str]:
+    """A throwaway redis-server on loopback with the no-loss settings; yields its URL for `--state`."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--state redis needs redis-server: tools/ensure_redis.sh installs it")
+    port, data = free_port(), Path(tempfile.mkdtemp(prefix="serve-load-redis-"))
+    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", "",
+                             "--appendonly", "yes", "--appendfsync", "always"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+                             ).stdout.strip() != "PONG":
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("redis-server did not start")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def state_args(state: str) -> Iterator[list[str]]:
+    if state == "local":
+        yield []
+        return
+    with redis_state() as url:
+        yield ["--state", url]
+
+
+@contextlib.contextmanager
 def server(serve_args: list[str], log: Path, registry: Path) -> Iterator[tuple[str, int]]:
     """`recforge serve` on a free loopback port, ready (models loaded) when this yields its URL."""
     import urllib.error
@@ -542,14 +581,14 @@ def _median_entry(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return entry
 
 
-def measure(args: argparse.Namespace, data: Path, script: Path, log: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, data: Path, script: Path, log: Path, state: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {route: {"closed": {}, } for route in args.routes}
     for route in args.routes:
         runs = [run_in_process(route, args.duration, data, args.registry, args.index) for _ in range(args.repeats)]
         results[route]["in_process"] = _median_entry(runs)
         _say(f"{route:<9} in-process      {_line(results[route]['in_process'])}")
     workers = ["--workers", str(args.workers)] if args.workers != 1 else []  # (servers before --workers existed)
-    serve_args = [*workers, "--set", f"alias={args.index}", *args.serve_arg]
+    serve_args = [*workers, "--set", f"alias={args.index}", *state, *args.serve_arg]
     with server(serve_args, log, args.registry) as (url, pgid):
         for route in args.routes:
             run_wrk(url, route, 8, min(3.0, args.duration), 0, data, script, pgid)  # warm-up, not recorded
@@ -576,6 +615,29 @@ def measure(args: argparse.Namespace, data: Path, script: Path, log: Path) -> di
             out[route]["overhead_c1_p50_ms"] = round(one["p50_ms"] - parts["in_process"]["p50_ms"], 3)
             out[route]["ratio_c1_p50_to_in_process"] = round(one["p50_ms"] / parts["in_process"]["p50_ms"], 2)
     return out
+
+
+def state_ratios(by_state: dict[str, Any]) -> dict[str, Any]:
+    """redis over local for each closed-loop throughput and paced p99, side by side from one sitting."""
+    if not {"local", "redis"} <= set(by_state):
+        return {}
+    ratios: dict[str, Any] = {}
+    local, shared = by_state["local"], by_state["redis"]
+    for route in ROUTES:
+        if route not in local or route not in shared:
+            continue
+        for c, entry in local[route]["closed"].items():
+            other = shared[route]["closed"].get(c)
+            if other and entry["rps"]:
+                ratios[f"{route}_c{c}_rps"] = round(other["rps"] / entry["rps"], 3)
+        for key in local[route]:
+            if key.startswith("paced_") and key in shared[route]:
+                ratios[f"{route}_{key}_p99_ms"] = {"local": local[route][key]["p99_ms"],
+                                                   "redis": shared[route][key]["p99_ms"]}
+    c32 = ratios.get("recommend_c32_rps")
+    if c32 is not None:
+        ratios["recommend_c32_rps_redis>=0.8x_local"] = c32 >= 0.8
+    return ratios
 
 
 def _line(e: dict[str, Any]) -> str:
@@ -669,6 +731,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure this registry instead (it needs the world.json the build writes beside "
                              "the models: known_users, items)")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    parser.add_argument("--state", default="local",
+                        help="comma list of local, redis: the server's online state (redis: a loopback redis-server "
+                             "started here); several are measured in turn in one sitting")
     parser.add_argument("--index", choices=("production", "hnsw", "flat", "ivf"), default="production",
                         help="which item index the retrieval model serves with (registry alias; production is "
                              "the index training built: HNSW at 100k items)")
@@ -681,6 +746,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if set(args.routes) - set(ROUTES) or not args.routes:
         parser.error(f"--routes: choose from {', '.join(ROUTES)}")
+    args.state = [s.strip() for s in args.state.split(",") if s.strip()]
+    if set(args.state) - {"local", "redis"} or not args.state:
+        parser.error("--state: choose from local, redis")
     if args.repeats < 1 or args.duration <= 0:
         parser.error("--repeats must be >= 1 and --duration > 0")
     return args
@@ -716,16 +784,29 @@ def main(argv: list[str] | None = None) -> None:
         script.write_text(LUA)
         log = REPO / ".bench" / "serve_load_server.log"
         log.parent.mkdir(parents=True, exist_ok=True)  # absent when --registry points elsewhere
-        out = measure(args, data, script, log)
+        by_state = {}
+        for state in args.state:
+            _say(f"state: {state}")
+            with state_args(state) as extra:
+                by_state[state] = measure(args, data, script, log, extra)
+            by_state[state]["targets"] = targets(by_state[state], args.rate)
+        out = by_state[args.state[0]] if len(args.state) == 1 else {"states": by_state,
+                                                                   "redis_vs_local": state_ratios(by_state)}
         if not args.no_index_study and world.get("indexes"):
             out["index"] = run_index_study(data, args.registry)
     meta["loadavg_after"] = loadavg()
-    out["targets"] = targets(out, args.rate)
+    meta["states"] = args.state
+    if len(args.state) == 1:
+        out["targets"] = by_state[args.state[0]]["targets"]
     out["meta"] = meta
     if args.json:
         print(json.dumps(out))
-    else:
-        print_table(out, meta)
+        return
+    for state, result in by_state.items():
+        print(f"== state: {state}")
+        print_table({**result, "index": out.get("index") if state == args.state[-1] else None}, meta)
+    for name, ratio in out.get("redis_vs_local", {}).items():
+        print(f"redis / local {name}: {ratio}")
 
 
 if __name__ == "__main__":

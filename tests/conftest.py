@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from _redis import RedisServer
 from _seaweed import BUCKET, SeaweedServer
 
 
@@ -41,6 +42,22 @@ def seaweed_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
 
     def make() -> SeaweedServer:
         server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs-own"))
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def redis_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisServer]]:
+    """Private Redis servers (a test may kill and restart them); all stopped at the end of the test."""
+    started: list[RedisServer] = []
+
+    def make(password: str | None = None) -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), password)
         server.start()
         started.append(server)
         return server

@@ -34,7 +34,7 @@ def _event(type_: str, request: str, user: int | str, item: int | str, ts: float
 
 def test_store_is_wal_durable_and_reopens_with_every_event(tmp_path: Path) -> None:
     store = EventStore(tmp_path)
-    assert store.append([_event("impression", "r1", 1, 10, T0), _event("click", "r1", 1, 10, T0 + 1)]) == 2
+    assert store.append([_event("impression", "r1", 1, 10, T0), _event("click", "r1", 1, 10, T0 + 1)]) == [0, 1]
     store.close()
     db = sqlite3.connect(tmp_path / DB_FILE)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -149,4 +149,4 @@ def test_a_full_store_refuses_the_batch_with_the_reason_and_recovers(tmp_path: P
     assert store.count() == 1 and not store._db.in_transaction
     store._db.execute("PRAGMA max_page_count=1073741823")  # space freed
     store.probe()
-    assert store.append(batch) == 50 and store.last_id() == store.count() == 51
+    assert len(store.append(batch)) == 50 and store.last_id() == store.count() == 51

@@ -107,12 +107,16 @@ def test_settings_errors_name_the_setting() -> None:
 
 def test_seen_items_are_bounded_per_user_and_in_users() -> None:
     seen = MemoryUserState(per_user=3, users=2)
+
+    def get(user: int | str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return asyncio.run(seen.get(user))
+
     seen.add([("impression", 1, i) for i in range(5)] + [("click", 1, 9)])
-    assert seen.get(1) == (("3", "4", "9"), ("9",))
-    assert seen.get("1") == seen.get(1)
+    assert get(1) == (("3", "4", "9"), ("9",))
+    assert get("1") == get(1)
     seen.add([("impression", 2, 1), ("impression", 3, 1)])
-    assert seen.get(1) == ((), ())  # least recently active user evicted
-    assert seen.get(3) == (("1",), ())
+    assert get(1) == ((), ())  # least recently active user evicted
+    assert get(3) == (("1",), ())
 
 
 def test_typed_id_restores_json_ints_only_for_canonical_integers() -> None:

@@ -22,6 +22,9 @@ def serve_cmd(
     ranker_model: Annotated[str | None, typer.Option(help="Registry name of the ranker.")] = None,
     experiments: Annotated[Path | None, typer.Option(help="A/B experiments file (YAML or JSON).")] = None,
     events_dir: Annotated[Path | None, typer.Option(help="Where accepted events are stored.")] = None,
+    state: Annotated[str | None, typer.Option(help="Where events, users' recent items and canary windows live: "
+                                                   "local (the default) or redis://HOST:PORT/DB, shared by every "
+                                                   "replica (credentials: RECFORGE_REDIS_* variables).")] = None,
     poll_interval_s: Annotated[float | None, typer.Option(help="Seconds between registry alias checks.")] = None,
     canary_share: Annotated[float | None, typer.Option(help="Share of users routed to a canary.")] = None,
     workers: Annotated[int | None, typer.Option(help="Server processes sharing the port (each loads the models; "
@@ -39,8 +42,8 @@ def serve_cmd(
     extra = pairs(setting, "--set", "NAME=VALUE")
     overrides = {"registry": registry, "host": host, "port": port, "retrieval_model": retrieval_model,
                  "ranker_model": ranker_model, "experiments": experiments, "events_dir": events_dir,
-                 "poll_interval_s": poll_interval_s, "canary_share": canary_share, "workers": workers, "docs": docs,
-                 "metrics": metrics, **extra}
+                 "state": state, "poll_interval_s": poll_interval_s, "canary_share": canary_share, "workers": workers,
+                 "docs": docs, "metrics": metrics, **extra}
     settings = guarded(ServeSettings.load, overrides)
     from recforge.serve.app import run as run_server
 

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,26 +55,45 @@ class CanaryMonitor:
     def stats(self) -> CanaryStats:
         with self._lock:
             self._trim(self._clock())
-            obs = list(self._obs)
-        if not obs:
-            return CanaryStats(0, 0, 0.0, 0.0)
-        errors = sum(1 for _, ok, _ in obs if not ok)
-        p99 = float(np.percentile(np.array([lat for _, _, lat in obs]), 99)) * 1000.0
-        return CanaryStats(len(obs), errors, errors / len(obs), p99)
+            obs = [(ok, latency) for _, ok, latency in self._obs]
+        return window_stats(obs)
 
     def breach(self) -> str | None:
         """Why the canary must go (a sentence for the registry history), or None while it is healthy."""
-        s = self.stats()
-        t = self.thresholds
-        if s.requests < t.min_requests:
-            return None
-        if s.error_rate > t.max_error_rate:
-            return (f"canary error rate {s.error_rate:.1%} ({s.errors}/{s.requests} requests in {t.window_s:g}s) "
-                    f"exceeds {t.max_error_rate:.1%}")
-        if s.p99_ms > t.max_p99_ms:
-            return (f"canary p99 latency {s.p99_ms:.1f} ms over {s.requests} requests in {t.window_s:g}s exceeds "
-                    f"{t.max_p99_ms:g} ms")
+        return breach_reason(self.stats(), self.thresholds)
+
+
+def window_stats(observations: list[tuple[bool, float]]) -> CanaryStats:
+    """Requests, errors and p99 latency of a window's (ok, latency_s) outcomes."""
+    if not observations:
+        return CanaryStats(0, 0, 0.0, 0.0)
+    errors = sum(1 for ok, _ in observations if not ok)
+    p99 = float(np.percentile(np.array([lat for _, lat in observations]), 99)) * 1000.0
+    return CanaryStats(len(observations), errors, errors / len(observations), p99)
+
+
+def breach_reason(s: CanaryStats, t: CanaryThresholds) -> str | None:
+    """The breach decision on a window, one replica's or every replica's: a sentence, or None while healthy."""
+    if s.requests < t.min_requests:
         return None
+    if s.error_rate > t.max_error_rate:
+        return (f"canary error rate {s.error_rate:.1%} ({s.errors}/{s.requests} requests in {t.window_s:g}s) "
+                f"exceeds {t.max_error_rate:.1%}")
+    if s.p99_ms > t.max_p99_ms:
+        return (f"canary p99 latency {s.p99_ms:.1f} ms over {s.requests} requests in {t.window_s:g}s exceeds "
+                f"{t.max_p99_ms:g} ms")
+    return None
+
+
+class SharedCanaryBoard(Protocol):
+    """Canary windows kept for every replica (serve/redis_state.py): outcomes in, global decisions out."""
+
+    def observe(self, kind: str, version: int, ok: bool, latency_s: float) -> None: ...
+
+    def sync(self, thresholds: CanaryThresholds) -> tuple[dict[tuple[str, int], str], list[tuple[str, int, str]]]:
+        """(every banned version with its reason, the breaches this replica claimed and must roll back)."""
+
+    def stats(self, window_s: float) -> dict[str, Any]: ...
 
 
 class CanaryGuard:
@@ -82,10 +101,16 @@ class CanaryGuard:
 
     A breached version is banned here at once (routing stops sending users to it before the registry
     has moved), and handed out for rollback exactly once however many requests see the breach.
+
+    With a `shared` board (several replicas on one Redis) the windows are global: a request's outcome
+    goes to the board, and the decision comes from `sync()`, which the server calls every
+    CANARY_SYNC_S; every replica bans what the board says is banned, and only the replica that claimed
+    a breach rolls it back.
     """
 
-    def __init__(self, thresholds: CanaryThresholds) -> None:
+    def __init__(self, thresholds: CanaryThresholds, shared: SharedCanaryBoard | None = None) -> None:
         self.thresholds = thresholds
+        self.shared = shared
         self._lock = threading.Lock()
         self._monitors: dict[tuple[str, int], CanaryMonitor] = {}
         self._banned: set[tuple[str, int]] = set()
@@ -96,7 +121,11 @@ class CanaryGuard:
 
     def observe(self, canaries: list[tuple[str, int]], ok: bool, latency_s: float) -> list[tuple[str, int, str]]:
         """Record one request served by these canary versions; returns the (kind, version, reason) breaches
-        that need a rollback now."""
+        that need a rollback now (with a shared board: none here, they come from sync())."""
+        if self.shared is not None:
+            for kind, version in canaries:
+                self.shared.observe(kind, version, ok, latency_s)
+            return []
         breaches = []
         for kind, version in canaries:
             with self._lock:
@@ -118,7 +147,20 @@ class CanaryGuard:
         with self._lock:
             self._rolling_back.discard((kind, version))
 
+    def sync(self) -> list[tuple[str, int, str]]:
+        """With a shared board: adopt its bans, and return the breaches this replica claimed (to roll back)."""
+        if self.shared is None:
+            return []
+        banned, claimed = self.shared.sync(self.thresholds)
+        with self._lock:
+            self._banned.update(banned)
+            claimed = [c for c in claimed if (c[0], c[1]) not in self._rolling_back]
+            self._rolling_back.update((kind, version) for kind, version, _ in claimed)
+        return claimed
+
     def stats(self) -> dict[str, Any]:
+        if self.shared is not None:
+            return self.shared.stats(self.thresholds.window_s)
         with self._lock:
             monitors = dict(self._monitors)
         return {f"{k}:{v}": m.stats().__dict__ for (k, v), m in monitors.items()}

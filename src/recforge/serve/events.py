@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS events (
     assignments TEXT NOT NULL,
     model_version TEXT,
     item_features TEXT NOT NULL,
-    received REAL NOT NULL
+    received REAL NOT NULL,
+    event_id TEXT
 );
 CREATE INDEX IF NOT EXISTS events_join ON events (request_id, item_id, type);
 CREATE INDEX IF NOT EXISTS events_time ON events (type, timestamp);
@@ -64,6 +65,8 @@ class StoredEvent(NamedTuple):
     assignments: str
     model_version: str | None
     item_features: str
+    # The client's id of the event: a retried batch (after a timeout) stores each event once.
+    event_id: str | None = None
 
 
 def _dumps(value: Any) -> str:
@@ -72,14 +75,19 @@ def _dumps(value: Any) -> str:
 
 def encode_event(type_: str, request_id: str, user_id: int | str, item_id: int | str, position: int,
                  timestamp: float, context: dict[str, Any] | None, assignments: dict[str, str] | None,
-                 model_version: str | None, item_features: dict[str, Any] | None) -> StoredEvent:
+                 model_version: str | None, item_features: dict[str, Any] | None,
+                 event_id: str | None = None) -> StoredEvent:
     return StoredEvent(type_, request_id, _dumps(user_id), _dumps(item_id), int(position), float(timestamp),
-                       _dumps(context or {}), _dumps(assignments or {}), model_version, _dumps(item_features or {}))
+                       _dumps(context or {}), _dumps(assignments or {}), model_version, _dumps(item_features or {}),
+                       event_id)
 
 
 class EventStoreFull(OSError):
     """The store cannot take writes (disk or database full, read-only file system): nothing of the batch was
     stored. The condition is outside recforge and passes when space is freed; the caller answers "try again"."""
+
+    # What a client is told (the full reason, with paths, goes to the log and to /readyz's admin answer).
+    public = "the event store cannot write (disk full); retry later"
 
 
 # SQLite result codes (extended codes carry the primary one in the low byte) that mean "no room to write"
@@ -107,6 +115,8 @@ def timestamp_problem(timestamp: float, now: float, max_ahead_s: float, max_age_
 class EventStore:
     """Append-only event storage in `directory`; safe to share between threads."""
 
+    remote = False  # one machine's file: the user state is this process's memory, fed by OnlineState
+
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -118,21 +128,37 @@ class EventStore:
             raise OSError(f"{self.path}: SQLite refused WAL mode (got {mode}); put events_dir on a local disk")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "event_id" not in columns:  # a store written before events carried ids
+            self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id) "
+                         "WHERE event_id IS NOT NULL")
 
-    def append(self, events: Sequence[StoredEvent]) -> int:
-        """Store a batch atomically and durably (all or nothing); returns how many were stored.
+    def append(self, events: Sequence[StoredEvent]) -> list[int]:
+        """Store a batch atomically and durably (all or nothing); returns the indexes of the events newly
+        stored (an event whose event_id is already stored, or repeated in the batch, is stored once).
 
         Raises EventStoreFull when the disk (or the database) has no room: SQLite may already have rolled the
         transaction back itself then, so the rollback here runs only if one is still open (a second ROLLBACK
         would fail with "no transaction is active" and hide the real reason).
         """
         received = time.time()
-        rows = [(*event, received) for event in events]
         with self._write() as db:
+            # Known ids are looked up first rather than left to INSERT OR IGNORE, which would burn AUTOINCREMENT
+            # ids: ids stay dense, so the newest id remains the number stored (last_id) that workers sync by.
+            fresh, batch_ids = [], set()
+            for i, event in enumerate(events):
+                if event.event_id is not None:
+                    if event.event_id in batch_ids or db.execute(
+                            "SELECT 1 FROM events WHERE event_id = ?", (event.event_id,)).fetchone():
+                        continue
+                    batch_ids.add(event.event_id)
+                fresh.append(i)
             db.executemany(
-                "INSERT INTO events (type, request_id, user_id, item_id, position, timestamp, context, "
-                "assignments, model_version, item_features, received) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-        return len(rows)
+                "INSERT INTO events (type, request_id, user_id, item_id, position, timestamp, context, assignments, "
+                "model_version, item_features, event_id, received) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(*events[i], received) for i in fresh])
+        return fresh
 
     def probe(self) -> None:
         """Raise EventStoreFull unless a write can commit now: a committed transaction that grows the file by a

@@ -21,6 +21,9 @@ log = logging.getLogger("recforge.serve")
 
 # How often a worker reads the events the other workers stored (exclude_seen and histories lag by at most this).
 SEEN_SYNC_S = 0.2
+# How often a replica on a shared state flushes its canary outcomes and reads the global decision: every
+# replica stops routing to a breached canary within this long of the breach being claimed.
+CANARY_SYNC_S = 0.5
 
 
 class Lifecycle:
@@ -103,6 +106,19 @@ class Lifecycle:
             except Exception as exc:  # a busy or briefly unreadable store: the next round catches up
                 log.warning("reading events stored by other workers failed: %s", exc)
 
+    async def follow_canary(self) -> None:
+        """On a shared state: global canary windows in, bans out; roll back the breaches this replica claimed."""
+        loop, service = asyncio.get_running_loop(), self.service
+        while True:
+            await asyncio.sleep(CANARY_SYNC_S)
+            try:
+                claimed = await loop.run_in_executor(None, service.canary.sync)
+            except Exception as exc:  # Redis briefly unreachable: the outcomes wait in the buffer for the next round
+                log.warning("canary sync with the shared state failed: %s", exc)
+                continue
+            for kind, version, reason in claimed:
+                service.spawn(loop.run_in_executor(None, service.rollback_canary, kind, version, reason))
+
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         import torch
@@ -110,8 +126,10 @@ class Lifecycle:
         # One thread per model call; parallelism comes from the model thread pool and from batching.
         # (FAISS gets the same setting when a retrieval bundle loads: serve/inference.py.)
         torch.set_num_threads(1)
-        if self.settings.workers > 1:
+        if self.service.online.shared:
             self.service.spawn(self.follow_events())
+        if self.service.canary.shared is not None:
+            self.service.spawn(self.follow_canary())
         if self.board is not None:
             await self.join_workers(self.board)
             self.announce(accepting=True)

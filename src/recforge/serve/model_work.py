@@ -33,6 +33,8 @@ class Served:
     result: Ranked
     route: Route
     canary_failed: bool
+    # Served without the user's online state (the shared store could not be read).
+    degraded: bool = False
 
 
 class ModelWork:

@@ -1,10 +1,12 @@
 """The server's online plane: accepted events go to an events sink, and what users did goes to a
 user-state store; this keeps the two consistent and says when events cannot be stored.
 
-`EventSink` is what the server needs of an event log (today's implementation: the SQLite store in
-`events.py`, one file shared by the workers of one machine). The user state is rebuilt from the
-sink at start, and with several workers each one reads on from its cursor what the others stored,
-so exclude_seen and histories hold whichever worker took an event.
+`EventSink` is what the server needs of an event log: the SQLite store in `events.py` (one file
+shared by the workers of one machine), or the Redis stream of `redis_state.py` (shared by every
+replica). With SQLite the user state is this process's memory, rebuilt from the sink at start, and
+with several workers each one reads on from its cursor what the others stored, so exclude_seen and
+histories hold whichever worker took an event. With Redis (`sink.remote`) the user state lives in
+Redis too, updated by the same atomic append, so there is nothing to rebuild or follow.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ log = logging.getLogger("recforge.serve")
 
 
 class EventSink(Protocol):
-    def append(self, events: Sequence[StoredEvent]) -> int:
-        """Store events durably before returning; raises EventStoreFull when they cannot be stored."""
+    # True for a store other machines write too (Redis): its health is asked on every readiness probe,
+    # and the user state lives there as well, kept by append itself.
+    remote: bool
+
+    def append(self, events: Sequence[StoredEvent]) -> list[int]:
+        """Store events durably before returning; the indexes of those newly stored (a retried event_id is
+        stored once). Raises EventStoreFull when they cannot be stored."""
 
     def probe(self) -> None:
         """A real write that stores nothing: raises EventStoreFull while writes still fail."""
@@ -59,7 +66,7 @@ class OnlineState:
         """Durable first, then remembered for exclude_seen. Returns the number of events stored (by every
         worker)."""
         try:
-            self.sink.append(events)
+            fresh = self.sink.append(events)
         except EventStoreFull as exc:
             self.error = str(exc)
             self.metrics.event_write_failures.inc()
@@ -68,26 +75,30 @@ class OnlineState:
         self.error = None
         if self.shared:
             self.sync()  # reads this batch back in order with whatever the other workers stored meanwhile
+        elif self.sink.remote:
+            self.total = self._cursor = self.sink.last_id()
         else:
-            self.total += len(events)
+            self.total += len(fresh)
             self._cursor = self.total
-            self.users.add(seen)
+            self.users.add([seen[i] for i in fresh])
         for type_ in ("impression", "click"):
-            count = sum(1 for event in events if event.type == type_)
+            count = sum(1 for i in fresh if events[i].type == type_)
             if count:
                 self.metrics.events.labels(type_).inc(count)
         return self.total
 
     def unwritable(self) -> str | None:
         """Why events cannot be stored now, or None. After a failed write it tries a real write each time it
-        is asked, so readiness recovers by itself once space is freed."""
-        if self.error is not None:
+        is asked, so readiness recovers by itself once space is freed. A remote store is asked every time:
+        it can fail (Redis down) while this process writes nothing."""
+        if self.error is not None or self.sink.remote:
             try:
                 self.sink.probe()
             except EventStoreFull as exc:
                 self.error = str(exc)
             else:
-                log.info("the event store takes writes again")
+                if self.error is not None:
+                    log.info("the event store takes writes again")
                 self.error = None
         return self.error
 

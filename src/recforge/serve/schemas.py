@@ -91,6 +91,8 @@ class RecommendResponse(BaseModel):
     model_version: str = Field(description="The versions as one string, to send back with events.")
     assignments: dict[str, str]
     canary: bool
+    degraded: bool = Field(False, description="Answered without the user's online state (recent items and "
+                           "clicks): the shared state store could not be read. exclude_seen did not apply.")
 
 
 class ScoreRequest(_Wire):
@@ -122,6 +124,8 @@ class Event(_Wire):
     context: Context | None = None
     assignments: Annotated[dict[Name, Name], Field(max_length=64)] | None = None
     model_version: Annotated[str, Field(max_length=256)] | None = None
+    event_id: Name | None = Field(None, description="The client's id of this event: a batch retried after a "
+                                  "timeout stores each event with an id once (within the server's event_id_ttl_s).")
 
 
 class EventsRequest(_Wire):

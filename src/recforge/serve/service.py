@@ -48,16 +48,26 @@ class Service:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.metrics = ServeMetrics()
-        self.canary = CanaryGuard(CanaryThresholds(settings.canary_window_s, settings.canary_min_requests,
-                                                   settings.canary_max_error_rate, settings.canary_max_p99_ms))
+        thresholds = CanaryThresholds(settings.canary_window_s, settings.canary_min_requests,
+                                      settings.canary_max_error_rate, settings.canary_max_p99_ms)
+        if settings.state == "local":
+            users = MemoryUserState(settings.seen_per_user, settings.seen_users)
+            self.online = OnlineState(EventStore(settings.events_dir), users, self.metrics,
+                                      shared=settings.workers > 1,
+                                      warm_events=min(1_000_000, settings.seen_per_user * settings.seen_users))
+            self.canary = CanaryGuard(thresholds)
+        else:
+            from recforge.serve.redis_state import open_plane
+
+            plane = open_plane(settings, self.metrics)
+            self.online = OnlineState(plane.events, plane.users, self.metrics, shared=False, warm_events=0)
+            self.canary = CanaryGuard(thresholds, shared=plane.canary)
         self.loader = Loader(settings, self.metrics, self.canary.is_banned)
-        users = MemoryUserState(settings.seen_per_user, settings.seen_users)
-        self.online = OnlineState(EventStore(settings.events_dir), users, self.metrics, shared=settings.workers > 1,
-                                  warm_events=min(1_000_000, settings.seen_per_user * settings.seen_users))
         self.work = ModelWork(settings.model_threads, settings.max_batch, settings.num_candidates, self.metrics)
         # The events sink and the user state are touched from this one thread only, in arrival order.
         self.events_executor = ThreadPoolExecutor(1, thread_name_prefix="recforge-events")
         self._background: set[asyncio.Future[Any]] = set()
+        self._degraded_logged = float("-inf")
 
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run `work` in the background of the event loop, kept referenced until it ends."""
@@ -75,7 +85,7 @@ class Service:
         started = time.perf_counter()
         snapshot = self.loader.ready()
         route = self.route(snapshot, user_id)
-        seen, clicked = self.online.users.get(user_id)
+        seen, clicked, degraded = await self.user_state(user_id)
         query = Query(user_id, context, k or min(self.settings.default_k, self.settings.max_k), exclude_seen, seen,
                       clicked)
         try:
@@ -86,7 +96,7 @@ class Service:
         self.finish("recommend", route, 200, started, served.canary_failed)
         if served.result.cold_start:
             self.metrics.cold_start.inc()
-        return served
+        return Served(served.result, served.route, served.canary_failed, degraded) if degraded else served
 
     async def score(self, user_id: RawId, context: dict[str, Any] | None, item_ids: Sequence[RawId]
                     ) -> tuple[list[RawId], list[float], list[RawId], Route]:
@@ -94,7 +104,7 @@ class Service:
         started = time.perf_counter()
         snapshot = self.loader.ready()
         route = self.route(snapshot, user_id)
-        seen, clicked = self.online.users.get(user_id)
+        seen, clicked, _ = await self.user_state(user_id)
         query = Query(user_id, context, 1, False, seen, clicked)
         try:
             ids, scores, unknown, used, failed = await asyncio.get_running_loop().run_in_executor(
@@ -104,6 +114,20 @@ class Service:
             raise
         self.finish("score", route, 200, started, failed)
         return ids, scores, unknown, used
+
+    async def user_state(self, user_id: RawId) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+        """(shown, clicked, degraded): a user state that cannot be read (Redis down) is served as none, so the
+        request still answers (from what the models know without it), marked degraded."""
+        try:
+            seen, clicked = await self.online.users.get(user_id)
+        except Exception as exc:  # noqa: BLE001 - any failure of the store: answer without it
+            self.metrics.degraded.inc()
+            now = time.monotonic()
+            if now - self._degraded_logged >= 30.0:  # once per 30 s, not once per request, while it lasts
+                log.warning("user state unreadable, serving without users' histories: %s", exc)
+                self._degraded_logged = now
+            return (), (), True
+        return seen, clicked, False
 
     async def store_events(self, events: Sequence[Any]) -> int:
         """Validate the batch's times, store it durably, remember it per user; the number of events stored (by
@@ -118,7 +142,7 @@ class Service:
                     else [{} for _ in events])
         stored = [encode_event(e.type, e.request_id, e.user_id, e.item_id, e.position,
                                now if e.timestamp is None else e.timestamp, e.context, e.assignments,
-                               e.model_version, f if e.type == "impression" else None)
+                               e.model_version, f if e.type == "impression" else None, e.event_id)
                   for e, f in zip(events, features, strict=True)]
         seen = [(e.type, e.user_id, e.item_id) for e in events]
         try:

@@ -58,6 +58,19 @@ class ServeSettings(Strict):
     alias: str = "production"
     experiments: Path | None = None
     events_dir: Path = Path("serve-events")
+    # Where accepted events, users' recent items and canary windows live: "local" (a SQLite file in events_dir
+    # and this process's memory: one machine) or redis://HOST:PORT/DB (rediss:// for TLS), shared by every
+    # replica (docs/online-state.md). Credentials come from RECFORGE_REDIS_* variables, never from this URL.
+    state: str = "local"
+    # Key prefix in that Redis: deployments (or tests) sharing one Redis keep apart by it.
+    redis_prefix: str = Field("recforge", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    # How long a stored event_id is remembered, so a retry within it stores the event once.
+    event_id_ttl_s: int = Field(86_400, ge=1)
+    # Users with no event for this long leave the shared state (their lists expire).
+    user_state_ttl_s: int = Field(30 * 86_400, ge=0)
+    # Acknowledge events only once this many Redis replicas have them (WAIT), or answer 503 after the timeout.
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(500, ge=1)
     # Accepted event timestamps lie within [now - event_max_age_s, now + event_max_ahead_s] of the server's clock;
     # others are answered 422. A client clock years ahead would otherwise date events into a future that training
     # takes for the newest data. Replaying a recorded or simulated period: raise the bounds (inf: unbounded).
@@ -121,6 +134,16 @@ class ServeSettings(Strict):
                 return data  # the field validation reports the bad value
             data = {**data, "model_threads": min(2, max(1, (os.cpu_count() or 1) // workers))}
         return data
+
+    @field_validator("state")
+    @classmethod
+    def _known_state(cls, value: str) -> str:
+        if value == "local" or value.startswith(("redis://", "rediss://")):
+            if "@" in value:
+                raise ValueError("credentials in the state URL would show in `ps`; set RECFORGE_REDIS_USERNAME "
+                                 "and RECFORGE_REDIS_PASSWORD (or RECFORGE_REDIS_PASSWORD_FILE) instead")
+            return value
+        raise ValueError(f"{value!r}: expected local or redis://HOST:PORT/DB (rediss:// for TLS)")
 
     @field_validator("poll_interval_s")
     @classmethod

@@ -30,6 +30,12 @@ class ServeMetrics:
         self.batch_size = Histogram("recforge_batch_size", "Requests merged into one model call.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.cold_start = Counter("recforge_cold_start", "Recommendations answered from popularity.", registry=r)
+        self.degraded = Counter("recforge_degraded", "Requests answered without the user's online state (the "
+                                "shared state store could not be read).", registry=r)
+        self.redis_latency = Histogram("recforge_redis_seconds", "Latency of calls to the shared Redis, by operation.",
+                                       ["operation"], buckets=LATENCY_BUCKETS, registry=r)
+        self.redis_errors = Counter("recforge_redis_errors", "Failed calls to the shared Redis, by operation.",
+                                    ["operation"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

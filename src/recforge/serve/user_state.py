@@ -1,8 +1,9 @@
 """Per-user online state: the items a user was recently shown and clicked, for exclude_seen and histories.
 
 `UserStateStore` is what the server needs of such a store; `MemoryUserState` keeps it in this
-process (bounded, least recently active users dropped first). A store shared by every replica
-implements the same two methods.
+process (bounded, least recently active users dropped first); `redis_state.RedisUserState` keeps it in
+the Redis every replica shares. `get` is a coroutine because it runs on the event loop once per
+request: a remote store must not block the loop while it waits on the network.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ class UserStateStore(Protocol):
     def add(self, events: Sequence[SeenEvent]) -> None:
         """Remember accepted events, oldest first."""
 
-    def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(items recently shown, items recently clicked) of a user, oldest first; empty when unknown."""
+    async def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(items recently shown, items recently clicked) of a user, oldest first; empty when unknown.
+        Raises when the store cannot be read (the caller serves without the history, marked degraded)."""
 
 
 class MemoryUserState:
@@ -52,7 +54,7 @@ class MemoryUserState:
             while len(self._data) > self.users:
                 self._data.popitem(last=False)
 
-    def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    async def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
         with self._lock:
             entry = self._data.get(str(user))
             return (tuple(entry[0]), tuple(entry[1])) if entry else ((), ())

@@ -20,7 +20,6 @@ async def events(body: EventsRequest, svc: Svc) -> EventsResponse:
     except EventTimesRejected as exc:  # a batch with one bad time is refused whole, naming each field
         raise RequestValidationError([{"type": "value_error", "loc": ("body", "events", i, "timestamp"), "msg": why}
                                       for i, why in exc.problems]) from None
-    except EventStoreFull:
-        raise HTTPException(503, "events not stored: the event store cannot write (disk full); retry later",
-                            headers={"Retry-After": "5"}) from None
+    except EventStoreFull as exc:
+        raise HTTPException(503, f"events not stored: {exc.public}", headers={"Retry-After": "5"}) from None
     return EventsResponse(accepted=len(body.events), stored_total=total)

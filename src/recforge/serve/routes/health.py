@@ -44,7 +44,7 @@ def not_ready_reason(svc: Service, board: WorkerBoard | None, states: list[Worke
     """Runs in the events thread: (what anyone may be told, the full reason or None when ready)."""
     problem = svc.online.unwritable()
     if problem:
-        return "the event store cannot write", f"the event store cannot write (disk full): {problem}"
+        return "the event store cannot write", f"the event store cannot write: {problem}"
     try:
         svc.loader.ready()
     except NotReady as exc:

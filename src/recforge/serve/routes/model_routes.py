@@ -38,7 +38,8 @@ def router(settings: ServeSettings) -> APIRouter:
             "items": [{"item_id": i, "score": s, "retrieval_score": r} for i, s, r in
                       zip(result.items, result.scores, result.retrieval_scores, strict=True)],
             "cold_start": result.cold_start, "model_versions": {"retrieval": used.retrieval, "ranker": used.ranker},
-            "model_version": used.model_version, "assignments": used.assignments, "canary": bool(used.canary)})
+            "model_version": used.model_version, "assignments": used.assignments, "canary": bool(used.canary),
+            "degraded": served.degraded})
 
     async def score(body: ScoreRequest, svc: Svc) -> Any:
         try:
