@@ -10,7 +10,7 @@ import typer
 
 from recforge.cli.common import AlwaysJsonOpt, guarded, log, pairs
 
-events_app = typer.Typer(no_args_is_help=True, help="Events the server accepted: export them for training.")
+events_app = typer.Typer(no_args_is_help=True, help="Events the server accepted: into the lake, and out for training.")
 
 
 def serve_cmd(
@@ -52,16 +52,46 @@ def serve_cmd(
 
 @events_app.command("export")
 def events_export(
-    events_dir: Annotated[Path, typer.Option("--events-dir", help="The server's --events-dir.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for one parquet file per UTC day.")],
+    events_dir: Annotated[Path | None, typer.Option("--events-dir", help="The server's --events-dir (state local).")
+                          ] = None,
+    lake: Annotated[str | None, typer.Option(help="The lake `recforge events ingest` wrote (state redis): a path "
+                                                  "or s3:// URI.")] = None,
     since: Annotated[str | None, typer.Option(help="First UTC day to export (YYYY-MM-DD).")] = None,
     until: Annotated[str | None, typer.Option(help="Last UTC day to export (YYYY-MM-DD).")] = None,
     as_json: AlwaysJsonOpt = False,
 ) -> None:
     """Write impressions (labelled by their clicks) in the event-log schema `recforge data prepare` reads."""
-    from recforge.serve.events import export_report
+    if (events_dir is None) == (lake is None):
+        log("error: pass --events-dir (a server on --state local) or --lake (the stream's lake), one of them")
+        raise typer.Exit(2)
+    if lake is not None:
+        from recforge.serve.stream_lake import export_lake
 
-    report = guarded(export_report, events_dir, out_dir, since, until)
+        report = guarded(export_lake, lake, out_dir, since, until)
+    else:
+        from recforge.serve.events import export_report
+
+        report = guarded(export_report, events_dir, out_dir, since, until)
     log(f"exported {report.exported_rows:,} impressions ({report.clicks:,} clicks, {report.events_total:,} events "
         f"stored) into {len(report.files)} day file(s) under {out_dir}")
+    print(json.dumps(report.__dict__))
+
+
+@events_app.command("ingest")
+def events_ingest(
+    state: Annotated[str, typer.Option(envvar="RECFORGE_SERVE_STATE", help="The servers' --state redis://HOST:PORT/DB "
+                                       "(credentials: RECFORGE_REDIS_* variables).")],
+    lake: Annotated[str, typer.Option(help="Where the events go: a path or s3:// URI (day=YYYY-MM-DD/part files).")],
+    prefix: Annotated[str, typer.Option(help="The servers' redis_prefix.")] = "recforge",
+    batch: Annotated[int, typer.Option(min=1, help="Stream entries per round (one part file per arrival day).")
+                     ] = 10_000,
+    as_json: AlwaysJsonOpt = False,
+) -> None:
+    """Move the shared event stream into the lake, each event exactly once, then trim what the lake holds."""
+    from recforge.serve.stream_lake import ingest_stream
+
+    report = guarded(ingest_stream, state, lake, prefix, batch)
+    log(f"ingested {report.written:,} events into {len(report.files)} part file(s) under {lake} "
+        f"({report.already_in_lake:,} already there, {report.trimmed:,} trimmed from the stream)")
     print(json.dumps(report.__dict__))

@@ -112,6 +112,15 @@ def timestamp_problem(timestamp: float, now: float, max_ahead_s: float, max_age_
     return None
 
 
+def create_schema(db: sqlite3.Connection) -> None:
+    """The events table and its indexes (the server's store, and the lake export's working copy)."""
+    db.executescript(_SCHEMA)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+    if "event_id" not in columns:  # a store written before events carried ids
+        db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id) WHERE event_id IS NOT NULL")
+
+
 class EventStore:
     """Append-only event storage in `directory`; safe to share between threads."""
 
@@ -127,12 +136,7 @@ class EventStore:
         if str(mode).lower() != "wal":
             raise OSError(f"{self.path}: SQLite refused WAL mode (got {mode}); put events_dir on a local disk")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
-        if "event_id" not in columns:  # a store written before events carried ids
-            self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
-        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id) "
-                         "WHERE event_id IS NOT NULL")
+        create_schema(self._db)
 
     def append(self, events: Sequence[StoredEvent]) -> list[int]:
         """Store a batch atomically and durably (all or nothing); returns the indexes of the events newly
@@ -220,7 +224,7 @@ class EventStore:
             self._db.close()
 
 
-def _parse_day(value: str | date | None, name: str) -> date | None:
+def parse_day(value: str | date | None, name: str) -> date | None:
     if value is None or isinstance(value, date):
         return value
     try:
@@ -320,13 +324,22 @@ def export_report(events_dir: str | Path, out_dir: str | Path, since: str | date
     db_path = Path(events_dir) / DB_FILE
     if not db_path.is_file():
         raise FileNotFoundError(f"no event store at {db_path}; pass the --events-dir the server wrote to")
-    first, last = _parse_day(since, "since"), _parse_day(until, "until")
-    out = Path(out_dir)
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
     try:
-        # One read transaction: the totals and every day's rows come from the same snapshot, so events the
-        # server commits meanwhile are in neither (WAL readers see the database as of their first read).
-        db.execute("BEGIN")
+        return export_from_db(db, out_dir, since, until)
+    finally:
+        db.close()
+
+
+def export_from_db(db: sqlite3.Connection, out_dir: str | Path, since: str | date | None = None,
+                   until: str | date | None = None) -> ExportReport:
+    """The export of `export_report` from an open events database (the server's, or the lake's copy)."""
+    first, last = parse_day(since, "since"), parse_day(until, "until")
+    out = Path(out_dir)
+    # One read transaction: the totals and every day's rows come from the same snapshot, so events the
+    # server commits meanwhile are in neither (WAL readers see the database as of their first read).
+    db.execute("BEGIN")
+    try:
         totals = dict(db.execute("SELECT type, COUNT(*) FROM events GROUP BY type").fetchall())
         files: list[str] = []
         days: dict[str, int] = {}
@@ -341,9 +354,8 @@ def export_report(events_dir: str | Path, out_dir: str | Path, since: str | date
                     pq.write_table(_rows_to_table(rows), handle)
                 files.append(str(target))
                 days[day.isoformat()] = len(rows)
-        db.execute("COMMIT")
     finally:
-        db.close()
+        db.execute("COMMIT")
     impressions = int(totals.get("impression", 0))
     exported = sum(days.values())
     in_range = impressions if first is None and last is None else exported
