@@ -19,6 +19,9 @@ PYTORCH_INDEX=https://download.pytorch.org/whl
 PYPI=${PYPI_INDEX:-https://pypi.org/simple}
 MAX_MB=${LOCK_MAX_MB:-300}
 UV_VERSION=${UV_VERSION:-0.13.9}
+# The interpreter release lock.txt was resolved for: markers such as redis's async-timeout
+# (python_version < "3.11.3") resolve differently for a bare "3.11", which means 3.11.0.
+PYTHON_VERSION=${PYTHON_VERSION:-3.11.7}
 
 case "$VARIANT" in
   cu[0-9][0-9][0-9] | pypi) ;;
@@ -57,7 +60,7 @@ fi
 
 # No uv.toml, find-links or pip.conf of this machine may leak in: only the indexes named above count.
 "$UV" pip compile --quiet --no-config --no-header --no-annotate --cache-dir "$tmp/cache" \
-  --python-version 3.11 --python-platform x86_64-manylinux_2_28 "${INDEX[@]}" \
+  --python-version "$PYTHON_VERSION" --python-platform x86_64-manylinux_2_28 "${INDEX[@]}" \
   -c "$tmp/constraints.txt" "$tmp/cuda.in" -o "$tmp/lock.txt" & compile=$!
 # Abort before a multi-GB wheel download finishes: resolving should only ever fetch metadata.
 ( while sleep 2; do

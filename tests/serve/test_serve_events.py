@@ -68,8 +68,9 @@ def test_export_writes_one_labelled_file_per_utc_day_and_is_idempotent(tmp_path:
     assert report.impressions == 4 and report.clicks == 2 and report.events_total == 6
     day1 = pq.read_table(out / "2026-01-01.parquet")
     assert day1.column_names == ["user_id", "item_id", "timestamp", "category", "device", "hour", "position", "label",
-                                 "request_id", "assignments", "model_version"]
+                                 "request_id", "assignments", "model_version", "served_history"]
     rows = day1.to_pylist()
+    assert [r["served_history"] for r in rows] == [None, None]  # stored without a served record
     assert [(r["item_id"], r["label"], r["position"]) for r in rows] == [(10, 0, 0), (11, 1, 1)]
     assert rows[0]["timestamp"] == T0 + 10 and rows[0]["hour"] == 3 and rows[0]["device"] == "web"
     assert json.loads(rows[0]["assignments"]) == {"exp": "b"} and rows[0]["model_version"] == "retrieval:1,ranker:2"

@@ -17,7 +17,7 @@ import sys
 
 import typer
 
-from recforge.cli import common, data, evaluate, experiments, pipeline, registry, serve, simulate, train
+from recforge.cli import common, data, evaluate, experiments, features, pipeline, registry, serve, simulate, train
 from recforge.doctor import doctor_command  # imports torch only when run, so --help stays fast
 
 EXPECTED_FAILURES = common.EXPECTED_FAILURES
@@ -42,6 +42,7 @@ app.add_typer(experiments.app, name="ab")
 app.add_typer(pipeline.app, name="pipeline")
 app.command("serve")(serve.serve_cmd)
 app.add_typer(serve.events_app, name="events")
+app.add_typer(features.app, name="features")
 app.command("simulate")(simulate.simulate_cmd)
 app.command("doctor")(doctor_command)
 

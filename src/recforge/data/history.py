@@ -60,3 +60,20 @@ def take_histories(
     np.cumsum(lengths, out=new_offsets[1:])
     within = np.arange(new_offsets[-1]) - np.repeat(new_offsets[:-1], lengths)
     return values[np.repeat(offsets[rows], lengths) + within], new_offsets
+
+
+def latest_histories(
+    user_key: np.ndarray, times: np.ndarray, item_index: np.ndarray, labels: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, values, offsets): each user's history as of after the log's last event, by build_histories'
+    own rule (an extra row per user one second after the last event), so an online store seeded with
+    it holds exactly what the next training row of that user will hold."""
+    users = np.unique(user_key)
+    if len(users) == 0:
+        return users, np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    after = np.full(len(users), int(times.max()) + 1, dtype=np.int64)
+    values, offsets = build_histories(np.concatenate([user_key, users]), np.concatenate([times, after]),
+                                      np.concatenate([item_index, np.zeros(len(users), dtype=item_index.dtype)]),
+                                      np.concatenate([labels, np.zeros(len(users), dtype=labels.dtype)]), max_len)
+    n = len(user_key)
+    return users, values[offsets[n]:] , offsets[n:] - offsets[n]

@@ -29,7 +29,8 @@ from recforge.storage import atomic_open, write_json
 DB_FILE = "events.sqlite"
 EXPORT_REPORT = "_export.json"
 # Columns every exported row has; a context key with one of these names is not exported (it would clash).
-BASE_COLUMNS = ("user_id", "item_id", "timestamp", "position", "label", "request_id", "assignments", "model_version")
+BASE_COLUMNS = ("user_id", "item_id", "timestamp", "position", "label", "request_id", "assignments", "model_version",
+                "served_history")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS events (
     model_version TEXT,
     item_features TEXT NOT NULL,
     received REAL NOT NULL,
-    event_id TEXT
+    event_id TEXT,
+    served TEXT
 );
 CREATE INDEX IF NOT EXISTS events_join ON events (request_id, item_id, type);
 CREATE INDEX IF NOT EXISTS events_time ON events (type, timestamp);
@@ -67,6 +69,9 @@ class StoredEvent(NamedTuple):
     item_features: str
     # The client's id of the event: a retried batch (after a timeout) stores each event once.
     event_id: str | None = None
+    # An impression's "what was served": the online features its request was answered with (JSON, see
+    # online.served_record), so training can learn from what the models actually saw.
+    served: str | None = None
 
 
 def _dumps(value: Any) -> str:
@@ -76,10 +81,10 @@ def _dumps(value: Any) -> str:
 def encode_event(type_: str, request_id: str, user_id: int | str, item_id: int | str, position: int,
                  timestamp: float, context: dict[str, Any] | None, assignments: dict[str, str] | None,
                  model_version: str | None, item_features: dict[str, Any] | None,
-                 event_id: str | None = None) -> StoredEvent:
+                 event_id: str | None = None, served: str | None = None) -> StoredEvent:
     return StoredEvent(type_, request_id, _dumps(user_id), _dumps(item_id), int(position), float(timestamp),
                        _dumps(context or {}), _dumps(assignments or {}), model_version, _dumps(item_features or {}),
-                       event_id)
+                       event_id, served)
 
 
 class EventStoreFull(OSError):
@@ -116,8 +121,9 @@ def create_schema(db: sqlite3.Connection) -> None:
     """The events table and its indexes (the server's store, and the lake export's working copy)."""
     db.executescript(_SCHEMA)
     columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
-    if "event_id" not in columns:  # a store written before events carried ids
-        db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+    for column in ("event_id", "served"):  # a store written before events carried them
+        if column not in columns:
+            db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id) WHERE event_id IS NOT NULL")
 
 
@@ -160,7 +166,7 @@ class EventStore:
                 fresh.append(i)
             db.executemany(
                 "INSERT INTO events (type, request_id, user_id, item_id, position, timestamp, context, assignments, "
-                "model_version, item_features, event_id, received) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "model_version, item_features, event_id, served, received) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(*events[i], received) for i in fresh])
         return fresh
 
@@ -268,7 +274,7 @@ _TRUSTED_TIME = "MIN(i.timestamp, i.received)"
 
 _EXPORT_QUERY = f"""
 SELECT i.user_id, i.item_id, {_TRUSTED_TIME}, i.position, i.context, i.item_features, i.request_id,
-       i.assignments, i.model_version,
+       i.assignments, i.model_version, i.served,
        EXISTS (SELECT 1 FROM events c WHERE c.request_id = i.request_id AND c.item_id = i.item_id
                AND c.type = 'click') AS label
 FROM events i
@@ -286,8 +292,9 @@ WHERE i.type = 'impression' AND {_TRUSTED_TIME} >= ? AND {_TRUSTED_TIME} < ? ORD
 def _rows_to_table(rows: Iterable[tuple[Any, ...]]) -> pa.Table:
     cols: dict[str, list[Any]] = {name: [] for name in BASE_COLUMNS}
     extra: dict[str, list[Any]] = {}
-    for n, (user, item, ts, position, context, features, request_id, assignments, version, label) in enumerate(
-            rows, start=1):
+    served_history: list[list[str] | None] = []
+    for n, (user, item, ts, position, context, features, request_id, assignments, version, served, label) in (
+            enumerate(rows, start=1)):
         side = {**{k: v for k, v in json.loads(context).items() if k not in BASE_COLUMNS}, **json.loads(features)}
         for key, value in side.items():
             extra.setdefault(key, [None] * (n - 1)).append(value)
@@ -302,13 +309,15 @@ def _rows_to_table(rows: Iterable[tuple[Any, ...]]) -> pa.Table:
         cols["request_id"].append(request_id)
         cols["assignments"].append(assignments)
         cols["model_version"].append(version)
+        served_history.append(None if served is None else json.loads(served).get("history"))
     arrays = {"user_id": _arrow_column(cols["user_id"]), "item_id": _arrow_column(cols["item_id"]),
               "timestamp": pa.array(cols["timestamp"], pa.int64())}
     arrays.update({key: _arrow_column(values) for key, values in sorted(extra.items())})
     arrays.update({"position": pa.array(cols["position"], pa.int64()), "label": pa.array(cols["label"], pa.int64()),
                    "request_id": pa.array(cols["request_id"], pa.string()),
                    "assignments": pa.array(cols["assignments"], pa.string()),
-                   "model_version": pa.array(cols["model_version"], pa.string())})
+                   "model_version": pa.array(cols["model_version"], pa.string()),
+                   "served_history": pa.array(served_history, pa.list_(pa.string()))})
     return pa.table(arrays)
 
 

@@ -189,8 +189,9 @@ def encode_requests(model: LoadedModel, queries: Sequence[Query]) -> Requests:
     values = torch.zeros(0, dtype=torch.long)
     offsets = torch.zeros(0, dtype=torch.long)
     if model.history_length:
-        histories = [[r for r in model.item_vocab.lookup(list(q.clicked[-model.history_length:])) if r > 0]
-                     for q in queries]
+        # Encoded as prepare encoded training histories: an item the vocabulary does not know is its OOV row (0,
+        # or its hash bucket), kept in place, so the pooled history is the one the model was trained on.
+        histories = [list(model.item_vocab.lookup(list(q.clicked[-model.history_length:]))) for q in queries]
         offsets = torch.zeros(batch + 1, dtype=torch.long)
         torch.cumsum(torch.tensor([len(h) for h in histories], dtype=torch.long), 0, out=offsets[1:])
         values = torch.tensor([r for h in histories for r in h], dtype=torch.long)

@@ -35,6 +35,8 @@ class Served:
     canary_failed: bool
     # Served without the user's online state (the shared store could not be read).
     degraded: bool = False
+    # The id the answer goes out with; its impressions name it, and the served features are logged under it.
+    request_id: str = ""
 
 
 class ModelWork:

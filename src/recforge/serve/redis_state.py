@@ -104,21 +104,33 @@ def connection_options(url: str, env: Mapping[str, str]) -> dict[str, Any]:
 
 # One call stores a batch: per event, skip it if its event_id was seen, else append it to the stream and to
 # its user's capped lists. Returns {stored total, 1/0 per event}. A script runs atomically in Redis, so a
-# replica killed mid-call leaves all of the batch or none of it.
+# replica killed mid-call leaves all of the batch or none of it. Besides the stored event (`event`), an entry
+# carries its user, item, type and time as plain fields (what feature_store reads back without parsing), and
+# an impression carries `served`: the features its request was served with (see record_served), when any.
 _APPEND = """
 local prefix, ttl, per_user, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local stream = prefix .. ':events'
 local fresh = {}
 local added = 0
 for i = 0, n - 1 do
-  local o = 5 + i * 5
-  local event_id, user, item, kind, body = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4]
+  local o = 5 + i * 7
+  local event_id, user, item, kind = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
+  local ts, request_id, body = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
   local new = true
   if event_id ~= '' then
     new = redis.call('SET', prefix .. ':eid:' .. event_id, '1', 'NX', 'EX', ttl)
   end
   if new then
-    redis.call('XADD', stream, '*', 'event', body)
+    local served = false
+    if kind == 'impression' and request_id ~= '' then
+      served = redis.call('GET', prefix .. ':served:' .. request_id)
+    end
+    if served then
+      redis.call('XADD', stream, '*', 'event', body, 'user', user, 'item', item, 'kind', kind, 'ts', ts,
+                 'served', served)
+    else
+      redis.call('XADD', stream, '*', 'event', body, 'user', user, 'item', item, 'kind', kind, 'ts', ts)
+    end
     if per_user > 0 then
       local shown = prefix .. ':u:' .. user .. ':shown'
       redis.call('RPUSH', shown, item)
@@ -159,6 +171,7 @@ class RedisSettings:
     wait_timeout_ms: int
     user_ttl_s: int
     options: Mapping[str, Any]
+    served_ttl_s: int = 900
 
 
 class RedisPlane:
@@ -225,7 +238,7 @@ class EventsStream:
         argv: list[Any] = [s.prefix, s.event_id_ttl_s, s.seen_per_user, len(events)]
         for event in events:
             argv += [event.event_id or "", user_key(json.loads(event.user_id)), str(json.loads(event.item_id)),
-                     event.type, event_body(event, received)]
+                     event.type, repr(float(event.timestamp)), event.request_id, event_body(event, received)]
         try:
             total, fresh = self.plane.timed("append", self.plane._append, [], argv)
             if s.user_ttl_s and s.seen_per_user:
@@ -298,6 +311,21 @@ class RedisUserState:
         finally:
             plane.metrics.redis_latency.labels("user_state").observe(time.perf_counter() - started)
         return tuple(shown), tuple(clicked)
+
+    async def remember_served(self, request_id: str, record: str) -> None:
+        """Read back by the append script when an impression of this request arrives, at any replica."""
+        plane = self.plane
+        started = time.perf_counter()
+        try:
+            await plane.aclient.set(plane.key("served", request_id), record, ex=plane.settings.served_ttl_s)
+        except redis.RedisError:
+            plane.metrics.redis_errors.labels("served").inc()
+            raise
+        finally:
+            plane.metrics.redis_latency.labels("served").observe(time.perf_counter() - started)
+
+    def served(self, request_id: str) -> str | None:
+        return None  # the append script attaches it, from whichever replica served the request
 
 
 class RedisCanaryBoard:
@@ -398,7 +426,7 @@ def open_plane(settings: Any, metrics: ServeMetrics, environ: Mapping[str, str] 
         url=settings.state, prefix=settings.redis_prefix, seen_per_user=settings.seen_per_user,
         event_id_ttl_s=settings.event_id_ttl_s, wait_replicas=settings.redis_wait_replicas,
         wait_timeout_ms=settings.redis_wait_timeout_ms, user_ttl_s=settings.user_state_ttl_s,
-        options=connection_options(settings.state, env)), metrics)
+        options=connection_options(settings.state, env), served_ttl_s=settings.served_ttl_s), metrics)
     warning = plane.durability()
     if warning:
         log.warning("%s", warning)

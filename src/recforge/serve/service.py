@@ -10,8 +10,10 @@ and raises the errors the route turns into status codes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -48,26 +50,12 @@ class Service:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.metrics = ServeMetrics()
-        thresholds = CanaryThresholds(settings.canary_window_s, settings.canary_min_requests,
-                                      settings.canary_max_error_rate, settings.canary_max_p99_ms)
-        if settings.state == "local":
-            users = MemoryUserState(settings.seen_per_user, settings.seen_users)
-            self.online = OnlineState(EventStore(settings.events_dir), users, self.metrics,
-                                      shared=settings.workers > 1,
-                                      warm_events=min(1_000_000, settings.seen_per_user * settings.seen_users))
-            self.canary = CanaryGuard(thresholds)
-        else:
-            from recforge.serve.redis_state import open_plane
-
-            plane = open_plane(settings, self.metrics)
-            self.online = OnlineState(plane.events, plane.users, self.metrics, shared=False, warm_events=0)
-            self.canary = CanaryGuard(thresholds, shared=plane.canary)
+        self.online, self.canary = open_online(settings, self.metrics)
         self.loader = Loader(settings, self.metrics, self.canary.is_banned)
         self.work = ModelWork(settings.model_threads, settings.max_batch, settings.num_candidates, self.metrics)
         # The events sink and the user state are touched from this one thread only, in arrival order.
         self.events_executor = ThreadPoolExecutor(1, thread_name_prefix="recforge-events")
         self._background: set[asyncio.Future[Any]] = set()
-        self._degraded_logged = float("-inf")
 
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run `work` in the background of the event loop, kept referenced until it ends."""
@@ -85,7 +73,8 @@ class Service:
         started = time.perf_counter()
         snapshot = self.loader.ready()
         route = self.route(snapshot, user_id)
-        seen, clicked, degraded = await self.user_state(user_id)
+        seen, clicked, degraded = await self.online.read_user(user_id)
+        request_id, logged = self.log_served(snapshot, route, clicked, degraded)
         query = Query(user_id, context, k or min(self.settings.default_k, self.settings.max_k), exclude_seen, seen,
                       clicked)
         try:
@@ -96,15 +85,17 @@ class Service:
         self.finish("recommend", route, 200, started, served.canary_failed)
         if served.result.cold_start:
             self.metrics.cold_start.inc()
-        return Served(served.result, served.route, served.canary_failed, degraded) if degraded else served
+        await logged
+        return dataclasses.replace(served, degraded=degraded, request_id=request_id)
 
     async def score(self, user_id: RawId, context: dict[str, Any] | None, item_ids: Sequence[RawId]
-                    ) -> tuple[list[RawId], list[float], list[RawId], Route]:
-        """The ranker's scores of given items for one user: (ids, scores, unknown ids, the route that served)."""
+                    ) -> tuple[str, list[RawId], list[float], list[RawId], Route]:
+        """The ranker's scores of given items for one user: (request id, ids, scores, unknown ids, the route)."""
         started = time.perf_counter()
         snapshot = self.loader.ready()
         route = self.route(snapshot, user_id)
-        seen, clicked, _ = await self.user_state(user_id)
+        seen, clicked, degraded = await self.online.read_user(user_id)
+        request_id, logged = self.log_served(snapshot, route, clicked, degraded)
         query = Query(user_id, context, 1, False, seen, clicked)
         try:
             ids, scores, unknown, used, failed = await asyncio.get_running_loop().run_in_executor(
@@ -113,21 +104,20 @@ class Service:
             self.finish("score", route, 500, started)
             raise
         self.finish("score", route, 200, started, failed)
-        return ids, scores, unknown, used
+        await logged
+        return request_id, ids, scores, unknown, used
 
-    async def user_state(self, user_id: RawId) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-        """(shown, clicked, degraded): a user state that cannot be read (Redis down) is served as none, so the
-        request still answers (from what the models know without it), marked degraded."""
-        try:
-            seen, clicked = await self.online.users.get(user_id)
-        except Exception as exc:  # noqa: BLE001 - any failure of the store: answer without it
-            self.metrics.degraded.inc()
-            now = time.monotonic()
-            if now - self._degraded_logged >= 30.0:  # once per 30 s, not once per request, while it lasts
-                log.warning("user state unreadable, serving without users' histories: %s", exc)
-                self._degraded_logged = now
-            return (), (), True
-        return seen, clicked, False
+    def log_served(self, snapshot: Snapshot, route: Route, clicked: Sequence[str], degraded: bool
+                   ) -> tuple[str, asyncio.Future[None]]:
+        """A new request id, and the logging of the history the route's models read under it, running while
+        the models do (awaited before the answer goes out, so an impression cannot overtake its record)."""
+        length = max((model.history_length for key in (("retrieval", route.retrieval), ("ranker", route.ranker))
+                      if (model := snapshot.models.get(key)) is not None), default=0)
+        request_id = uuid.uuid4().hex
+        logged = asyncio.ensure_future(self.online.remember_served(
+            request_id, clicked[-length:] if length else (), degraded))
+        self.spawn(logged)
+        return request_id, logged
 
     async def store_events(self, events: Sequence[Any]) -> int:
         """Validate the batch's times, store it durably, remember it per user; the number of events stored (by
@@ -138,11 +128,12 @@ class Service:
         if late:
             raise EventTimesRejected(late)
         snapshot = self.loader.snapshot
-        features = (self.item_features(snapshot, [e.item_id for e in events]) if snapshot is not None
+        features = (item_features(snapshot, [e.item_id for e in events]) if snapshot is not None
                     else [{} for _ in events])
         stored = [encode_event(e.type, e.request_id, e.user_id, e.item_id, e.position,
                                now if e.timestamp is None else e.timestamp, e.context, e.assignments,
-                               e.model_version, f if e.type == "impression" else None, e.event_id)
+                               e.model_version, f if e.type == "impression" else None, e.event_id,
+                               self.online.users.served(e.request_id) if e.type == "impression" else None)
                   for e, f in zip(events, features, strict=True)]
         seen = [(e.type, e.user_id, e.item_id) for e in events]
         try:
@@ -191,16 +182,34 @@ class Service:
         experiments = experiments_from(body)
         await asyncio.get_running_loop().run_in_executor(None, self.loader.set_experiments, experiments)
 
-    def item_features(self, snapshot: Snapshot, item_ids: Sequence[RawId]) -> list[dict[str, Any]]:
-        """Item-side raw features from the production retrieval catalog, as stored with each impression."""
-        model = snapshot.model("retrieval", snapshot.production["retrieval"])
-        rows = np.asarray(model.item_vocab.lookup([str(i) for i in item_ids]), dtype=np.int64)
-        values = model.feature_values(rows)
-        return [{} if row == 0 else {name: plain(col[j]) for name, col in values.items()} for j, row in enumerate(rows)]
-
     def close(self) -> None:
         for task in list(self._background):
             task.cancel()
         self.work.close()
         self.events_executor.shutdown(wait=True)
         self.online.close()
+
+
+def open_online(settings: ServeSettings, metrics: ServeMetrics) -> tuple[OnlineState, CanaryGuard]:
+    """The events sink, the user state and the canary guard of `settings.state`: this machine's SQLite file
+    and memory (`local`), or one Redis every replica shares (`redis://`)."""
+    thresholds = CanaryThresholds(settings.canary_window_s, settings.canary_min_requests,
+                                  settings.canary_max_error_rate, settings.canary_max_p99_ms)
+    if settings.state == "local":
+        users = MemoryUserState(settings.seen_per_user, settings.seen_users, settings.served_records)
+        online = OnlineState(EventStore(settings.events_dir), users, metrics, shared=settings.workers > 1,
+                             warm_events=min(1_000_000, settings.seen_per_user * settings.seen_users))
+        return online, CanaryGuard(thresholds)
+    from recforge.serve.redis_state import open_plane
+
+    plane = open_plane(settings, metrics)
+    return (OnlineState(plane.events, plane.users, metrics, shared=False, warm_events=0),
+            CanaryGuard(thresholds, shared=plane.canary))
+
+
+def item_features(snapshot: Snapshot, item_ids: Sequence[RawId]) -> list[dict[str, Any]]:
+    """Item-side raw features from the production retrieval catalog, as stored with each impression."""
+    model = snapshot.model("retrieval", snapshot.production["retrieval"])
+    rows = np.asarray(model.item_vocab.lookup([str(i) for i in item_ids]), dtype=np.int64)
+    values = model.feature_values(rows)
+    return [{} if row == 0 else {name: plain(col[j]) for name, col in values.items()} for j, row in enumerate(rows)]

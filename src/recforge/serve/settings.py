@@ -103,6 +103,11 @@ class ServeSettings(Strict):
     # Items remembered per user (from accepted events) for exclude_seen and histories, and how many users.
     seen_per_user: int = Field(200, ge=0)
     seen_users: int = Field(100_000, ge=0)
+    # "Log what you serve": each answered request's online features (the history the models read) are kept this
+    # long (Redis) or for this many most recent requests (local), and stored with the impressions that name its
+    # request_id (exported as served_history). An impression posted later than that is stored without them.
+    served_ttl_s: int = Field(900, ge=1)
+    served_records: int = Field(100_000, ge=0)
     # With several workers, how long the supervisor waits for a worker to answer its health ping before it kills
     # and replaces it. A worker loading its models on a busy machine can hold the interpreter for seconds, so
     # this stays well above the model loading time (uvicorn's own default, 5 s, killed loading workers).

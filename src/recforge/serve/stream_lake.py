@@ -52,7 +52,7 @@ _PART = re.compile(r"^part-(\d+-\d+)-(\d+-\d+)\.parquet$")
 _DAY = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
 # The columns of a raw part file: the stream id, then the stored event as the server wrote it.
 RAW_COLUMNS = ("stream_id", "type", "request_id", "user_id", "item_id", "position", "timestamp", "context",
-               "assignments", "model_version", "item_features", "event_id", "received")
+               "assignments", "model_version", "item_features", "event_id", "received", "served")
 
 
 def _id_key(stream_id: str) -> tuple[int, int]:
@@ -170,14 +170,16 @@ class StreamIngest:
         return report
 
     def _write(self, run: list[tuple[str, dict[str, str]]]) -> str:
-        rows = [json.loads(fields["event"]) for _, fields in run]
+        # `served` is the entry's own field: the append script attached it from the request's served record.
+        rows = [{**json.loads(fields["event"]), "served": fields.get("served")} for _, fields in run]
         table = pa.table({
             "stream_id": pa.array([i for i, _ in run], pa.string()),
             **{name: pa.array([r.get(name) for r in rows], kind) for name, kind in (
                 ("type", pa.string()), ("request_id", pa.string()), ("user_id", pa.string()),
                 ("item_id", pa.string()), ("position", pa.int64()), ("timestamp", pa.float64()),
                 ("context", pa.string()), ("assignments", pa.string()), ("model_version", pa.string()),
-                ("item_features", pa.string()), ("event_id", pa.string()), ("received", pa.float64()))}})
+                ("item_features", pa.string()), ("event_id", pa.string()), ("received", pa.float64()),
+                ("served", pa.string()))}})
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         first, last = run[0][0], run[-1][0]
@@ -248,10 +250,12 @@ def _load(db: sqlite3.Connection, files: list[str | Path]) -> None:
     db.execute("BEGIN")
     for path in files:
         table = pq.read_table(io.BytesIO(storage.get_bytes(path)))
-        columns = [table.column(name).to_pylist() for name in RAW_COLUMNS[1:]]
+        # Part files written before impressions carried `served` have no such column: None for each row.
+        columns = [table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+                   for name in RAW_COLUMNS[1:]]
         db.executemany("INSERT INTO events (type, request_id, user_id, item_id, position, timestamp, context, "
-                       "assignments, model_version, item_features, event_id, received) "
-                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", zip(*columns, strict=True))
+                       "assignments, model_version, item_features, event_id, received, served) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", zip(*columns, strict=True))
     db.execute("COMMIT")
 
 

@@ -32,6 +32,8 @@ class ServeMetrics:
         self.cold_start = Counter("recforge_cold_start", "Recommendations answered from popularity.", registry=r)
         self.degraded = Counter("recforge_degraded", "Requests answered without the user's online state (the "
                                 "shared state store could not be read).", registry=r)
+        self.served_unrecorded = Counter("recforge_served_unrecorded", "Requests whose served features could not "
+                                         "be logged (their impressions are stored without them).", registry=r)
         self.redis_latency = Histogram("recforge_redis_seconds", "Latency of calls to the shared Redis, by operation.",
                                        ["operation"], buckets=LATENCY_BUCKETS, registry=r)
         self.redis_errors = Counter("recforge_redis_errors", "Failed calls to the shared Redis, by operation.",

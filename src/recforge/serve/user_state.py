@@ -27,14 +27,24 @@ class UserStateStore(Protocol):
         """(items recently shown, items recently clicked) of a user, oldest first; empty when unknown.
         Raises when the store cannot be read (the caller serves without the history, marked degraded)."""
 
+    async def remember_served(self, request_id: str, record: str) -> None:
+        """Keep what a request was served with (online.served_record) for the impressions that will name it.
+        Raises when the store cannot take it."""
+
+    def served(self, request_id: str) -> str | None:
+        """The served record to store with an impression of `request_id` in this process, or None: unknown
+        (expired, another process served it) or attached by the store itself (Redis, in its append script)."""
+
 
 class MemoryUserState:
     """Bounded per-user memory of items from accepted events: what to exclude, and the click history."""
 
-    def __init__(self, per_user: int, users: int) -> None:
+    def __init__(self, per_user: int, users: int, served_records: int = 100_000) -> None:
         self.per_user = per_user
         self.users = users
+        self.served_records = served_records
         self._data: OrderedDict[str, tuple[deque[str], deque[str]]] = OrderedDict()
+        self._served: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, events: Sequence[SeenEvent]) -> None:
@@ -58,3 +68,15 @@ class MemoryUserState:
         with self._lock:
             entry = self._data.get(str(user))
             return (tuple(entry[0]), tuple(entry[1])) if entry else ((), ())
+
+    async def remember_served(self, request_id: str, record: str) -> None:
+        if not self.served_records:
+            return
+        with self._lock:
+            self._served[request_id] = record
+            while len(self._served) > self.served_records:
+                self._served.popitem(last=False)
+
+    def served(self, request_id: str) -> str | None:
+        with self._lock:
+            return self._served.get(request_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
@@ -34,7 +33,7 @@ def router(settings: ServeSettings) -> APIRouter:
         result, used = served.result, served.route
         # RecommendResponse's fields, serialized straight from the computed values (see json_content).
         return json_content({
-            "request_id": uuid.uuid4().hex, "user_id": body.user_id,
+            "request_id": served.request_id, "user_id": body.user_id,
             "items": [{"item_id": i, "score": s, "retrieval_score": r} for i, s, r in
                       zip(result.items, result.scores, result.retrieval_scores, strict=True)],
             "cold_start": result.cold_start, "model_versions": {"retrieval": used.retrieval, "ranker": used.ranker},
@@ -43,14 +42,14 @@ def router(settings: ServeSettings) -> APIRouter:
 
     async def score(body: ScoreRequest, svc: Svc) -> Any:
         try:
-            ids, scores, unknown, used = await svc.score(body.user_id, body.context, body.item_ids)
+            request_id, ids, scores, unknown, used = await svc.score(body.user_id, body.context, body.item_ids)
         except NotReady:
             raise HTTPException(503, MODELS_NOT_LOADED) from None
         except ModelError as exc:
             raise HTTPException(500, str(exc)) from None
         # ScoreResponse's fields (see json_content).
         return json_content({
-            "request_id": uuid.uuid4().hex,
+            "request_id": request_id,
             "scores": [{"item_id": i, "score": s} for i, s in zip(ids, scores, strict=True)],
             "unknown_items": unknown, "model_versions": {"retrieval": used.retrieval, "ranker": used.ranker},
             "model_version": used.model_version, "assignments": used.assignments, "canary": bool(used.canary)})
