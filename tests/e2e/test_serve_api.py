@@ -253,3 +253,19 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(server: Server
     tail = "\n".join(line[:300] for line in proc.stdout.splitlines()[-60:])
     assert proc.returncode == 0, tail
     assert "No issues found" in proc.stdout, tail
+
+
+def test_impressions_store_what_their_request_was_served_with(http: httpx.Client, server: Server, world: World,
+                                                              tmp_path: Path) -> None:
+    user = world.known_users[3]
+    answer = http.post("/v1/recommend", json={"user_id": user, "k": 3}).json()
+    ts = 1_769_904_000  # 2026-02-01 00:00 UTC
+    events = [{"type": "impression", "request_id": rid, "user_id": user, "item_id": item["item_id"], "position": i,
+               "timestamp": ts + i} for i, (rid, item) in enumerate(
+                   [(answer["request_id"], item) for item in answer["items"]] + [("never-served", answer["items"][0])])]
+    assert http.post("/v1/events", json={"events": events}).status_code == 200
+    out = tmp_path / "log"
+    run("events", "export", "--events-dir", str(Path(server.args[server.args.index("--events-dir") + 1])),
+        "--out", str(out), "--since", "2026-02-01", "--until", "2026-02-01", cwd=tmp_path)
+    # These models read no history: what was served is an empty one, recorded; the unknown request has no record.
+    assert pq.read_table(out / "2026-02-01.parquet").column("served_history").to_pylist() == [[], [], [], None]

@@ -6,11 +6,15 @@ import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
+from recforge.data.history import latest_histories
 from recforge.serve.canary import CanaryThresholds
 from recforge.serve.events import EventStore, encode_event
+from recforge.serve.feature_store import UserStateSeeder
+from recforge.serve.online import served_record
 from recforge.serve.redis_state import (
     RedisPlane,
     RedisSettings,
@@ -157,3 +161,51 @@ def test_a_canary_breach_on_global_traffic_is_claimed_by_one_replica_and_banned_
     for _ in range(20):
         a.canary.observe("retrieval", 4, ok=True, latency_s=0.005)
     assert a.canary.sync(thresholds)[1] == []
+
+
+def test_an_impression_stores_what_its_request_was_served_with_whichever_replica_takes_it(redis_factory) -> None:
+    server = redis_factory()
+    a, b = _plane(server.url), _plane(server.url)
+    _LOOP.run_until_complete(a.users.remember_served("req-9", served_record(("4", "5"), False)))
+    b.events.append([_event("impression", 7, 1, request="req-9"), _event("click", 7, 1, request="req-9"),
+                     _event("impression", 7, 2, request="unknown")])
+    entries = [fields for _, fields in server.client().xrange("t:events")]
+    assert json.loads(entries[0]["served"]) == {"history": ["4", "5"], "degraded": False}
+    assert "served" not in entries[1] and "served" not in entries[2]  # a click, and an unrecorded request
+    assert (entries[0]["user"], entries[0]["item"], entries[0]["kind"]) == ("7", "1", "impression")
+
+
+def _seeder(server, log_until: float, cap: int = 3) -> UserStateSeeder:
+    return UserStateSeeder(server.client(), "t", cap=cap, ttl_s=0, log_until=log_until, since="0-0")
+
+
+def test_seeding_replaces_users_lists_and_keeps_the_events_the_log_does_not_hold(redis_factory) -> None:
+    server = redis_factory()
+    plane = _plane(server.url, per_user=3)
+    at = 1_700_000_000.0
+    # Already in the log (timed up to log_until) -> replaced; timed after it -> kept on top, in stream order.
+    plane.events.append([encode_event("click", "r", 7, 90, 0, at - 5, None, None, None, None),
+                         encode_event("click", "r", 7, 91, 0, at + 5, None, None, None, None),
+                         encode_event("impression", "r", 8, 92, 0, at + 6, None, None, None, None)])
+    seeder = _seeder(server, at)
+    seeder.read_stream()  # what the seeder read before the batch
+    seeder.read_stream = lambda: None  # an event that arrives after the last read: left to the script's own tail
+    plane.events.append([encode_event("click", "r", 7, 93, 0, at + 7, None, None, None, None)])
+    seeder.seed(["7", "9"], [["1", "2"], ["3"]], [["2"], []])
+    assert _history(plane, 7) == (("2", "91", "93"), ("2", "91", "93"))  # capped at 3, oldest first
+    assert _history(plane, 9) == (("3",), ())
+    assert _history(plane, 8) == (("92",), ())  # not in the log: left to the server's own appends
+    assert seeder.later_events == 2  # 91 and 92 read here; 93 added inside the script
+    plane.events.append([encode_event("click", "r", 9, 94, 0, at + 8, None, None, None, None)])
+    assert _history(plane, 9) == (("3", "94"), ("94",))
+
+
+def test_latest_histories_are_build_histories_one_second_after_the_log() -> None:
+    rng = np.random.default_rng(0)
+    users, times = rng.integers(0, 30, 500), rng.integers(0, 100, 500)
+    items, labels = rng.integers(0, 50, 500), rng.integers(0, 2, 500).astype(np.float32)
+    who, values, offsets = latest_histories(users, times, items, labels, 4)
+    for r, user in enumerate(who):
+        mine = np.flatnonzero((users == user) & (labels > 0))
+        order = mine[np.lexsort((mine, times[mine]))]
+        assert values[offsets[r]:offsets[r + 1]].tolist() == items[order][-4:].tolist()

@@ -53,8 +53,8 @@ def materialize_features(cfg: Config, state: str, prefix: str = "recforge", leng
     from recforge.serve.redis_state import connection_options
 
     started = time.time()
-    defaults = ServeSettings()
-    length = defaults.seen_per_user if length is None else length
+    defaults = {name: field.default for name, field in ServeSettings.model_fields.items()}
+    length = defaults["seen_per_user"] if length is None else length
     if length < max(1, cfg.data.history_length):
         raise ValueError(f"length {length} is shorter than data.history_length {cfg.data.history_length}: "
                          "the models would read histories cut short")
@@ -74,8 +74,8 @@ def materialize_features(cfg: Config, state: str, prefix: str = "recforge", leng
     client = redis.Redis.from_url(state, decode_responses=True, socket_timeout=30.0, **options)
     items = np.asarray(item_ids, dtype=object)
     try:
-        seeder = UserStateSeeder(client, prefix, cap=length, ttl_s=defaults.user_state_ttl_s, log_until=log_until,
-                                 since=stream_start(log_until, defaults.event_max_ahead_s))
+        seeder = UserStateSeeder(client, prefix, cap=length, ttl_s=defaults["user_state_ttl_s"], log_until=log_until,
+                                 since=stream_start(log_until, defaults["event_max_ahead_s"]))
         for first in range(0, len(users), batch_users):
             rows = range(first, min(first + batch_users, len(users)))
             seeder.seed([user_ids[users[r]] for r in rows],
