@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,38 @@ def _run_cycle_step(name: str, cycle: Cycle, runlog: RunLog) -> dict[str, Any]:
     return outputs
 
 
+def _drain_stream(cfg: PipelineConfig, runlog: RunLog, log: Log) -> None:
+    """The shared stream into the lake, then the lake's days of the training window into events_dir (each day
+    file rewritten whole: a day that gained events is a changed partition, one that did not keeps its size)."""
+    from recforge.serve.stream_lake import export_lake, ingest_stream
+
+    online = cfg.online
+    assert online is not None
+    ingested = ingest_stream(online.state, online.lake, online.prefix)
+    since = (datetime.now(UTC).date() - timedelta(days=cfg.window_days + 1)).isoformat()
+    exported = export_lake(online.lake, cfg.events_dir, since=since)
+    runlog.event("ingest", "stream", ingested=ingested.written, lake=online.lake, exported_rows=exported.exported_rows,
+                 days=exported.days)
+    log(f"stream: {ingested.written:,} new event(s) into {online.lake}; exported {exported.exported_rows:,} "
+        f"impressions of {len(exported.days)} day(s) since {since} into {cfg.events_dir}")
+
+
+def _materialize(cycle: Cycle, runlog: RunLog, log: Log) -> None:
+    """Users' histories from the cycle's log (the rows its model trained on) into the servers' Redis."""
+    from recforge.recipes.features import materialize_features
+
+    online = cycle.cfg.online
+    assert online is not None
+    report = materialize_features(cycle.training(), online.state, online.prefix)
+    runlog.event("features", "done", users=report.users, clicks=report.clicks_written,
+                 later_events=report.later_events)
+    log(f"features: {report.users:,} users' histories materialized into {online.state}")
+
+
 def _ingest(cfg: PipelineConfig, runlog: RunLog, log: Log) -> Cycle | None:
+    if cfg.online is not None:
+        Path(cfg.events_dir).mkdir(parents=True, exist_ok=True)
+        _drain_stream(cfg, runlog, log)
     record = ingest.open_cycle(cfg.events_dir, cfg.state, cfg.window_days)
     if record is None:
         future = ingest.split_future(ingest.list_partitions(cfg.events_dir))[1]
@@ -156,6 +188,8 @@ def _run_locked(cfg: PipelineConfig, step: str | None, log: Log) -> dict[str, An
             if cycle is not None:
                 for name in CYCLE_STEPS:
                     _run_cycle_step(name, cycle, runlog)
+                if cfg.online is not None and cfg.online.materialize:
+                    _materialize(cycle, runlog, log)
             promoted = _step_function("promote")(cfg)
             runlog.event("promote", promoted["status"], outputs=promoted)
             log(f"promote: {promoted['status']}: {promoted.get('reason', '')}")

@@ -48,6 +48,17 @@ class GateSettings(Strict):
     coverage_tolerance: float = Field(0.01, ge=0.0)
 
 
+class OnlineSettings(Strict):
+    """The servers' shared Redis (docs/online-state.md): each run first moves its event stream into `lake`
+    and exports the lake's recent days into events_dir; after a cycle trains, users' histories are
+    materialized from the cycle's log into Redis (unless materialize is false)."""
+
+    state: str = Field(pattern=r"^rediss?://")
+    lake: str
+    prefix: str = "recforge"
+    materialize: bool = True
+
+
 class PipelineConfig(Strict):
     # Directory of event-log partitions (day files such as 2026-01-01.parquet), read recursively.
     events_dir: str
@@ -65,6 +76,8 @@ class PipelineConfig(Strict):
     canary_min_age_s: float = Field(3600.0, ge=0.0)
     # Held-out rows the exported bundle is checked against the eager model on.
     parity_rows: int = Field(2048, ge=1)
+    # Serving on --state redis://: the stream is the pipeline's source of events (see OnlineSettings).
+    online: OnlineSettings | None = None
 
     @property
     def state(self) -> Path:
