@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
+from _cli import run
 from _redis import RedisServer
 from _serve_world import TOKEN, Server, World, serve_world, start_server
 
@@ -144,6 +146,12 @@ def test_kill9_of_a_replica_mid_stream_loses_no_acknowledged_event(replicas: Rep
     stored = [e for e in replicas.stream_event_ids() if e and e.startswith("kill-")]
     assert len(stored) == len(set(stored))  # exactly once
     assert set(acknowledged) <= set(stored), len(set(acknowledged) - set(stored))
+    # ... and the real ingest takes them into the lake exactly once.
+    lake = replicas.base / "lake"
+    run("events", "ingest", "--state", replicas.redis.url, "--prefix", "rf", "--lake", str(lake), cwd=replicas.base)
+    in_lake = [e for path in lake.rglob("part-*.parquet") for e in pq.read_table(path).column("event_id").to_pylist()
+               if e and e.startswith("kill-")]
+    assert sorted(in_lake) == sorted(stored)
 
 
 def test_redis_down_degrades_answers_refuses_events_and_after_kill9_restart_nothing_acknowledged_is_lost(
