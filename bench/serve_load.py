@@ -48,6 +48,7 @@ in one sitting, and the redis/local ratios are reported.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -364,12 +365,13 @@ def in_process_worker(route: str, duration: float, data: Path, result: Path, reg
         svc = Service(settings)
         svc.loader.reload()
         snapshot = svc.loader.ready()
+        loop = asyncio.new_event_loop()  # the user state is read with await, as a request reads it
 
         def call(n: int) -> None:
             user = users[n % len(users)]
             context = {"hour": n % HOURS, "device": DEVICES[n % len(DEVICES)]}
             routed = svc.route(snapshot, user)
-            seen, clicked = svc.online.users.get(user)
+            seen, clicked = loop.run_until_complete(svc.online.users.get(user))
             if route == "recommend":
                 query = Query(user, context, K, True, seen, clicked)
                 retrieval = snapshot.model("retrieval", routed.retrieval)

@@ -14,7 +14,6 @@ from recforge.data.history import latest_histories
 from recforge.serve.canary import CanaryThresholds
 from recforge.serve.events import EventStore, encode_event
 from recforge.serve.feature_store import UserStateSeeder
-from recforge.serve.online import served_record
 from recforge.serve.redis_state import (
     RedisPlane,
     RedisSettings,
@@ -166,10 +165,12 @@ def test_a_canary_breach_on_global_traffic_is_claimed_by_one_replica_and_banned_
 def test_an_impression_stores_what_its_request_was_served_with_whichever_replica_takes_it(redis_factory) -> None:
     server = redis_factory()
     a, b = _plane(server.url), _plane(server.url)
-    _LOOP.run_until_complete(a.users.remember_served("req-9", served_record(("4", "5"), False)))
+    a.events.append([_event("click", 7, 4), _event("click", 7, 5)])
+    shown, clicked = _LOOP.run_until_complete(a.users.get(7, "req-9", 2))  # the read logs what it served
+    assert clicked == ("4", "5")
     b.events.append([_event("impression", 7, 1, request="req-9"), _event("click", 7, 1, request="req-9"),
                      _event("impression", 7, 2, request="unknown")])
-    entries = [fields for _, fields in server.client().xrange("t:events")]
+    entries = [fields for _, fields in server.client().xrange("t:events")][2:]
     assert json.loads(entries[0]["served"]) == {"history": ["4", "5"], "degraded": False}
     assert "served" not in entries[1] and "served" not in entries[2]  # a click, and an unrecorded request
     assert (entries[0]["user"], entries[0]["item"], entries[0]["kind"]) == ("7", "1", "impression")

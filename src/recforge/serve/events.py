@@ -70,7 +70,7 @@ class StoredEvent(NamedTuple):
     # The client's id of the event: a retried batch (after a timeout) stores each event once.
     event_id: str | None = None
     # An impression's "what was served": the online features its request was answered with (JSON, see
-    # online.served_record), so training can learn from what the models actually saw.
+    # user_state.served_record), so training can learn from what the models actually saw.
     served: str | None = None
 
 

@@ -11,7 +11,6 @@ Redis too, updated by the same atomic append, so there is nothing to rebuild or 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -67,27 +66,23 @@ class OnlineState:
         users.add(sink.recent(warm_events, self._cursor))
         self._degraded_logged = float("-inf")
 
-    async def read_user(self, user_id: RawId) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-        """(shown, clicked, degraded): a user state that cannot be read (Redis down) is served as none, so the
-        request still answers (from what the models know without it), marked degraded."""
+    async def read_user(self, user_id: RawId, request_id: str, history_length: int
+                        ) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+        """(shown, clicked, degraded), with what the request is served with logged under request_id in the same
+        call. A user state that cannot be read (Redis down) is served as none, so the request still answers
+        (from what the models know without it), marked degraded; its served record is not logged then
+        (counted in recforge_served_unrecorded_total)."""
         try:
-            seen, clicked = await self.users.get(user_id)
+            seen, clicked = await self.users.get(user_id, request_id, history_length)
         except Exception as exc:  # noqa: BLE001 - any failure of the store: answer without it
             self.metrics.degraded.inc()
+            self.metrics.served_unrecorded.inc()
             now = time.monotonic()
             if now - self._degraded_logged >= 30.0:  # once per 30 s, not once per request, while it lasts
                 log.warning("user state unreadable, serving without users' histories: %s", exc)
                 self._degraded_logged = now
             return (), (), True
         return seen, clicked, False
-
-    async def remember_served(self, request_id: str, history: Sequence[str], degraded: bool) -> None:
-        """Log what a request is served with, for its impressions. A record the store cannot take costs only that
-        record (its impressions are stored without one, and counted in recforge_served_unrecorded_total)."""
-        try:
-            await self.users.remember_served(request_id, served_record(history, degraded))
-        except Exception:  # noqa: BLE001 - the answer does not depend on it: serve, and count the gap
-            self.metrics.served_unrecorded.inc()
 
     def store(self, events: Sequence[StoredEvent], seen: Sequence[SeenEvent]) -> int:
         """Durable first, then remembered for exclude_seen. Returns the number of events stored (by every
@@ -143,9 +138,3 @@ def plain(value: Any) -> Any:
     """A numpy scalar as the Python value JSON and SQLite take."""
     return value.item() if hasattr(value, "item") else value
 
-
-def served_record(history: Sequence[str], degraded: bool) -> str:
-    """What an impression stores as `served`: the raw item ids of the history the models read (the user's last
-    clicks, cut to the longest history_length among the request's models), and whether the online state was
-    unreadable (then the history was empty because of that, not because the user had none)."""
-    return json.dumps({"history": list(history), "degraded": degraded}, separators=(",", ":"))

@@ -151,6 +151,23 @@ return {redis.call('INCRBY', prefix .. ':events:total', added), fresh}
 """
 
 
+# One call per request: the user's two lists, and (with a request id) the served record of that request --
+# the last history_length clicks, as JSON that user_state.served_record would write -- kept served_ttl_s for the
+# append script to attach to the request's impressions.
+_READ = """
+local prefix, user, request_id, n, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local shown = redis.call('LRANGE', prefix .. ':u:' .. user .. ':shown', 0, -1)
+local clicked = redis.call('LRANGE', prefix .. ':u:' .. user .. ':clicked', 0, -1)
+if request_id ~= '' then
+  local history = {}
+  for i = math.max(1, #clicked - n + 1), #clicked do history[#history + 1] = cjson.encode(clicked[i]) end
+  redis.call('SET', prefix .. ':served:' .. request_id,
+             '{"history":[' .. table.concat(history, ',') .. '],"degraded":false}', 'EX', ttl)
+end
+return {shown, clicked}
+"""
+
+
 def user_key(user: RawId) -> str:
     """The user's part of a key: str() of the raw id, as the in-process state keys it (42 and "42" are one user)."""
     return str(user)
@@ -186,6 +203,7 @@ class RedisPlane:
         self.client = redis.Redis.from_url(settings.url, decode_responses=True, **common)
         self.aclient = redis.asyncio.Redis.from_url(settings.url, decode_responses=True, **common)
         self._append = self.client.register_script(_APPEND)
+        self.read_script = self.aclient.register_script(_READ)
         self.events = EventsStream(self)
         self.users = RedisUserState(self)
         self.canary = RedisCanaryBoard(self)
@@ -296,33 +314,21 @@ class RedisUserState:
     def add(self, events: Sequence[SeenEvent]) -> None:
         """Nothing to do: the append script updated the lists with the events, atomically."""
 
-    async def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(shown, clicked) of a user, oldest first; raises redis.RedisError when Redis cannot be read."""
+    async def get(self, user: RawId, request_id: str = "", history_length: int = 0
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(shown, clicked) of a user, oldest first, and the request's served record written, in one round trip
+        (the _READ script); raises redis.RedisError when Redis cannot be read."""
         plane = self.plane
         started = time.perf_counter()
         try:
-            async with plane.aclient.pipeline(transaction=False) as pipe:
-                pipe.lrange(plane.key("u", user_key(user), "shown"), 0, -1)
-                pipe.lrange(plane.key("u", user_key(user), "clicked"), 0, -1)
-                shown, clicked = await pipe.execute()
+            shown, clicked = await plane.read_script(keys=[], args=[
+                plane.settings.prefix, user_key(user), request_id, history_length, plane.settings.served_ttl_s])
         except redis.RedisError:
             plane.metrics.redis_errors.labels("user_state").inc()
             raise
         finally:
             plane.metrics.redis_latency.labels("user_state").observe(time.perf_counter() - started)
         return tuple(shown), tuple(clicked)
-
-    async def remember_served(self, request_id: str, record: str) -> None:
-        """Read back by the append script when an impression of this request arrives, at any replica."""
-        plane = self.plane
-        started = time.perf_counter()
-        try:
-            await plane.aclient.set(plane.key("served", request_id), record, ex=plane.settings.served_ttl_s)
-        except redis.RedisError:
-            plane.metrics.redis_errors.labels("served").inc()
-            raise
-        finally:
-            plane.metrics.redis_latency.labels("served").observe(time.perf_counter() - started)
 
     def served(self, request_id: str) -> str | None:
         return None  # the append script attaches it, from whichever replica served the request

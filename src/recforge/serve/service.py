@@ -73,8 +73,8 @@ class Service:
         started = time.perf_counter()
         snapshot = self.loader.ready()
         route = self.route(snapshot, user_id)
-        seen, clicked, degraded = await self.online.read_user(user_id)
-        request_id, logged = self.log_served(snapshot, route, clicked, degraded)
+        request_id = uuid.uuid4().hex
+        seen, clicked, degraded = await self.online.read_user(user_id, request_id, history_length(snapshot, route))
         query = Query(user_id, context, k or min(self.settings.default_k, self.settings.max_k), exclude_seen, seen,
                       clicked)
         try:
@@ -85,7 +85,6 @@ class Service:
         self.finish("recommend", route, 200, started, served.canary_failed)
         if served.result.cold_start:
             self.metrics.cold_start.inc()
-        await logged
         return dataclasses.replace(served, degraded=degraded, request_id=request_id)
 
     async def score(self, user_id: RawId, context: dict[str, Any] | None, item_ids: Sequence[RawId]
@@ -94,8 +93,8 @@ class Service:
         started = time.perf_counter()
         snapshot = self.loader.ready()
         route = self.route(snapshot, user_id)
-        seen, clicked, degraded = await self.online.read_user(user_id)
-        request_id, logged = self.log_served(snapshot, route, clicked, degraded)
+        request_id = uuid.uuid4().hex
+        seen, clicked, degraded = await self.online.read_user(user_id, request_id, history_length(snapshot, route))
         query = Query(user_id, context, 1, False, seen, clicked)
         try:
             ids, scores, unknown, used, failed = await asyncio.get_running_loop().run_in_executor(
@@ -104,20 +103,7 @@ class Service:
             self.finish("score", route, 500, started)
             raise
         self.finish("score", route, 200, started, failed)
-        await logged
         return request_id, ids, scores, unknown, used
-
-    def log_served(self, snapshot: Snapshot, route: Route, clicked: Sequence[str], degraded: bool
-                   ) -> tuple[str, asyncio.Future[None]]:
-        """A new request id, and the logging of the history the route's models read under it, running while
-        the models do (awaited before the answer goes out, so an impression cannot overtake its record)."""
-        length = max((model.history_length for key in (("retrieval", route.retrieval), ("ranker", route.ranker))
-                      if (model := snapshot.models.get(key)) is not None), default=0)
-        request_id = uuid.uuid4().hex
-        logged = asyncio.ensure_future(self.online.remember_served(
-            request_id, clicked[-length:] if length else (), degraded))
-        self.spawn(logged)
-        return request_id, logged
 
     async def store_events(self, events: Sequence[Any]) -> int:
         """Validate the batch's times, store it durably, remember it per user; the number of events stored (by
@@ -213,3 +199,9 @@ def item_features(snapshot: Snapshot, item_ids: Sequence[RawId]) -> list[dict[st
     rows = np.asarray(model.item_vocab.lookup([str(i) for i in item_ids]), dtype=np.int64)
     values = model.feature_values(rows)
     return [{} if row == 0 else {name: plain(col[j]) for name, col in values.items()} for j, row in enumerate(rows)]
+
+
+def history_length(snapshot: Snapshot, route: Route) -> int:
+    """The longest history the route's models read: what a request's served record keeps of the clicks."""
+    return max((model.history_length for key in (("retrieval", route.retrieval), ("ranker", route.ranker))
+                if (model := snapshot.models.get(key)) is not None), default=0)

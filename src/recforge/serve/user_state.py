@@ -8,6 +8,7 @@ request: a remote store must not block the loop while it waits on the network.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -23,13 +24,12 @@ class UserStateStore(Protocol):
     def add(self, events: Sequence[SeenEvent]) -> None:
         """Remember accepted events, oldest first."""
 
-    async def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(items recently shown, items recently clicked) of a user, oldest first; empty when unknown.
-        Raises when the store cannot be read (the caller serves without the history, marked degraded)."""
-
-    async def remember_served(self, request_id: str, record: str) -> None:
-        """Keep what a request was served with (online.served_record) for the impressions that will name it.
-        Raises when the store cannot take it."""
+    async def get(self, user: RawId, request_id: str = "", history_length: int = 0
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(items recently shown, items recently clicked) of a user, oldest first; empty when unknown. With a
+        request_id, also logs what that request is served with (served_record of the last history_length
+        clicks) for the impressions that will name it, in the same call. Raises when the store cannot be read
+        (the caller serves without the history, marked degraded)."""
 
     def served(self, request_id: str) -> str | None:
         """The served record to store with an impression of `request_id` in this process, or None: unknown
@@ -64,19 +64,24 @@ class MemoryUserState:
             while len(self._data) > self.users:
                 self._data.popitem(last=False)
 
-    async def get(self, user: RawId) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    async def get(self, user: RawId, request_id: str = "", history_length: int = 0
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         with self._lock:
             entry = self._data.get(str(user))
-            return (tuple(entry[0]), tuple(entry[1])) if entry else ((), ())
-
-    async def remember_served(self, request_id: str, record: str) -> None:
-        if not self.served_records:
-            return
-        with self._lock:
-            self._served[request_id] = record
-            while len(self._served) > self.served_records:
-                self._served.popitem(last=False)
+            shown, clicked = (tuple(entry[0]), tuple(entry[1])) if entry else ((), ())
+            if request_id and self.served_records:
+                self._served[request_id] = served_record(clicked[-history_length:] if history_length else (), False)
+                while len(self._served) > self.served_records:
+                    self._served.popitem(last=False)
+            return shown, clicked
 
     def served(self, request_id: str) -> str | None:
         with self._lock:
             return self._served.get(request_id)
+
+
+def served_record(history: Sequence[str], degraded: bool) -> str:
+    """What an impression stores as `served`: the raw item ids of the history the models read (the user's last
+    clicks, cut to the longest history_length among the request's models), and whether the online state was
+    unreadable (then the history was empty because of that, not because the user had none)."""
+    return json.dumps({"history": list(history), "degraded": degraded}, separators=(",", ":"))
