@@ -13,6 +13,7 @@ import pytest
 from recforge.pipeline import load_pipeline, run
 from recforge.serve.events import encode_event
 from recforge.serve.redis_state import RedisPlane, RedisSettings
+from recforge.serve.telemetry import ServeMetrics
 
 pytestmark = pytest.mark.slow  # starts redis-server
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow  # starts redis-server
 def test_a_pipeline_run_opens_its_cycle_on_the_streams_events(redis_factory, tmp_path) -> None:
     server = redis_factory()
     plane = RedisPlane(RedisSettings(url=server.url, prefix="pl", seen_per_user=10, event_id_ttl_s=60,
-                                     wait_replicas=0, wait_timeout_ms=100, user_ttl_s=0, options={}), _metrics())
+                                     wait_replicas=0, wait_timeout_ms=100, user_ttl_s=0, options={}), ServeMetrics())
     now = time.time()
     events = []
     for i in range(30):
@@ -42,9 +43,3 @@ def test_a_pipeline_run_opens_its_cycle_on_the_streams_events(redis_factory, tmp
     assert any(line.startswith("stream: 38 new event(s)") for line in lines), lines
     assert summary["cycle"] is not None and server.client().xlen("pl:events") == 0  # in the lake, then trimmed
     assert len(list(lake.rglob("part-*.parquet"))) == 1
-
-
-def _metrics():
-    from recforge.serve.telemetry import ServeMetrics
-
-    return ServeMetrics()

@@ -171,7 +171,7 @@ def test_an_impression_stores_what_its_request_was_served_with_whichever_replica
     b.events.append([_event("impression", 7, 1, request="req-9"), _event("click", 7, 1, request="req-9"),
                      _event("impression", 7, 2, request="unknown")])
     entries = [fields for _, fields in server.client().xrange("t:events")][2:]
-    assert json.loads(entries[0]["served"]) == {"history": ["4", "5"], "degraded": False}
+    assert json.loads(entries[0]["served"]) == {"history": ["4", "5"]}
     assert "served" not in entries[1] and "served" not in entries[2]  # a click, and an unrecorded request
     assert (entries[0]["user"], entries[0]["item"], entries[0]["kind"]) == ("7", "1", "impression")
 

@@ -76,4 +76,4 @@ def latest_histories(
                                       np.concatenate([item_index, np.zeros(len(users), dtype=item_index.dtype)]),
                                       np.concatenate([labels, np.zeros(len(users), dtype=labels.dtype)]), max_len)
     n = len(user_key)
-    return users, values[offsets[n]:] , offsets[n:] - offsets[n]
+    return users, values[offsets[n]:], offsets[n:] - offsets[n]

@@ -292,7 +292,6 @@ WHERE i.type = 'impression' AND {_TRUSTED_TIME} >= ? AND {_TRUSTED_TIME} < ? ORD
 def _rows_to_table(rows: Iterable[tuple[Any, ...]]) -> pa.Table:
     cols: dict[str, list[Any]] = {name: [] for name in BASE_COLUMNS}
     extra: dict[str, list[Any]] = {}
-    served_history: list[list[str] | None] = []
     for n, (user, item, ts, position, context, features, request_id, assignments, version, served, label) in (
             enumerate(rows, start=1)):
         side = {**{k: v for k, v in json.loads(context).items() if k not in BASE_COLUMNS}, **json.loads(features)}
@@ -309,7 +308,7 @@ def _rows_to_table(rows: Iterable[tuple[Any, ...]]) -> pa.Table:
         cols["request_id"].append(request_id)
         cols["assignments"].append(assignments)
         cols["model_version"].append(version)
-        served_history.append(None if served is None else json.loads(served).get("history"))
+        cols["served_history"].append(None if served is None else json.loads(served)["history"])
     arrays = {"user_id": _arrow_column(cols["user_id"]), "item_id": _arrow_column(cols["item_id"]),
               "timestamp": pa.array(cols["timestamp"], pa.int64())}
     arrays.update({key: _arrow_column(values) for key, values in sorted(extra.items())})
@@ -317,7 +316,7 @@ def _rows_to_table(rows: Iterable[tuple[Any, ...]]) -> pa.Table:
                    "request_id": pa.array(cols["request_id"], pa.string()),
                    "assignments": pa.array(cols["assignments"], pa.string()),
                    "model_version": pa.array(cols["model_version"], pa.string()),
-                   "served_history": pa.array(served_history, pa.list_(pa.string()))})
+                   "served_history": pa.array(cols["served_history"], pa.list_(pa.string()))})
     return pa.table(arrays)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import redis
 
@@ -66,14 +65,6 @@ for user in pairs(users) do
 end
 return last
 """
-
-
-@dataclass(frozen=True)
-class SeedReport:
-    users: int
-    shown: int
-    clicked: int
-    later_events: int  # stream events timed after the log, kept on top of the seeded lists
 
 
 class UserStateSeeder:

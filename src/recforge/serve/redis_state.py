@@ -162,7 +162,7 @@ if request_id ~= '' then
   local history = {}
   for i = math.max(1, #clicked - n + 1), #clicked do history[#history + 1] = cjson.encode(clicked[i]) end
   redis.call('SET', prefix .. ':served:' .. request_id,
-             '{"history":[' .. table.concat(history, ',') .. '],"degraded":false}', 'EX', ttl)
+             '{"history":[' .. table.concat(history, ',') .. ']}', 'EX', ttl)
 end
 return {shown, clicked}
 """

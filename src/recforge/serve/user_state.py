@@ -70,7 +70,7 @@ class MemoryUserState:
             entry = self._data.get(str(user))
             shown, clicked = (tuple(entry[0]), tuple(entry[1])) if entry else ((), ())
             if request_id and self.served_records:
-                self._served[request_id] = served_record(clicked[-history_length:] if history_length else (), False)
+                self._served[request_id] = served_record(clicked[-history_length:] if history_length else ())
                 while len(self._served) > self.served_records:
                     self._served.popitem(last=False)
             return shown, clicked
@@ -80,8 +80,8 @@ class MemoryUserState:
             return self._served.get(request_id)
 
 
-def served_record(history: Sequence[str], degraded: bool) -> str:
+def served_record(history: Sequence[str]) -> str:
     """What an impression stores as `served`: the raw item ids of the history the models read (the user's last
-    clicks, cut to the longest history_length among the request's models), and whether the online state was
-    unreadable (then the history was empty because of that, not because the user had none)."""
-    return json.dumps({"history": list(history), "degraded": degraded}, separators=(",", ":"))
+    clicks, cut to the longest history_length among the request's models). Only a read that succeeded writes
+    one, so a degraded answer leaves its impressions without a record (served_history null)."""
+    return json.dumps({"history": list(history)}, separators=(",", ":"))
