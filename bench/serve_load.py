@@ -317,8 +317,10 @@ def run_wrk(url: str, route: str, connections: int, duration: float, interval_us
            "-s", str(script), url, "--", str(data), route, f"{per_thread_interval:.3f}", str(SCORE_ITEMS)]
     load_start = loadavg()[0]
     cpu_server, cpu_children = group_cpu_s(server_pgid), _children_cpu_s()
+    cpu_redis = [group_cpu_s(pgid) for pgid in REDIS_PGIDS]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=duration + 60)
     cpu_server, cpu_children = group_cpu_s(server_pgid) - cpu_server, _children_cpu_s() - cpu_children
+    cpu_redis = [group_cpu_s(pgid) - before for pgid, before in zip(REDIS_PGIDS, cpu_redis, strict=True)]
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"wrk failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
@@ -334,6 +336,7 @@ def run_wrk(url: str, route: str, connections: int, duration: float, interval_us
             # CPU per answered request: the server's (all its processes) and the load generator's.
             "server_cpu_ms_per_req": round(cpu_server * 1e3 / max(1, raw["requests"]), 3),
             "wrk_cpu_ms_per_req": round(cpu_children * 1e3 / max(1, raw["requests"]), 3),
+            **({"redis_cpu_ms_per_req": round(sum(cpu_redis) * 1e3 / max(1, raw["requests"]), 3)} if cpu_redis else {}),
             "loadavg_1m_start": load_start, "loadavg_1m_end": loadavg()[0]}
 
 
@@ -499,6 +502,10 @@ def run_in_process(route: str, duration: float, data: Path, registry: Path, alia
 # The server.
 
 
+# The redis-servers running now (their process groups), whose CPU each wrk run reports beside the server's.
+REDIS_PGIDS: list[int] = []
+
+
 @contextlib.contextmanager
 def redis_state() -> Iterator[str]:
     """A throwaway redis-server on loopback with the no-loss settings; yields its URL for `--state`."""
@@ -516,8 +523,11 @@ def redis_state() -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("redis-server did not start")
             time.sleep(0.1)
+        REDIS_PGIDS.append(proc.pid)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
+        with contextlib.suppress(ValueError):
+            REDIS_PGIDS.remove(proc.pid)
         proc.kill()
         proc.wait()
         shutil.rmtree(data, ignore_errors=True)

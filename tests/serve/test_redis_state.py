@@ -176,6 +176,46 @@ def test_an_impression_stores_what_its_request_was_served_with_whichever_replica
     assert (entries[0]["user"], entries[0]["item"], entries[0]["kind"]) == ("7", "1", "impression")
 
 
+def test_concurrent_reads_share_one_script_call_and_each_gets_its_own_user_and_served_record(redis_factory) -> None:
+    server = redis_factory()
+    a = _plane(server.url, per_user=50)
+    a.events.append([_event("click", u, 100 + u * 10 + i) for u in range(20) for i in range(u % 4)])
+    calls: list[int] = []
+    script = a.read_script
+
+    async def counted(keys, args):
+        calls.append(int(args[2]))
+        return await script(keys=keys, args=args)
+
+    a.read_script = counted
+
+    async def burst():
+        return await asyncio.gather(*(a.users.get(u, f"q{u}", 2) for u in range(20)))
+
+    results = _LOOP.run_until_complete(burst())
+    assert sum(calls) == 20 and len(calls) < 20  # coalesced: the burst took fewer calls than requests
+    for u, (shown, clicked) in enumerate(results):
+        expected = tuple(str(100 + u * 10 + i) for i in range(u % 4))
+        assert shown == expected and clicked == expected  # never a neighbour's lists
+        assert json.loads(server.client().get(f"t:served:q{u}")) == {"history": list(expected[-2:])}
+    assert _history(a, 99) == ((), ())  # an unknown user: both lists empty (cjson's {} read as empty)
+
+    a.read_script = _failing
+
+    async def failing_burst():
+        return await asyncio.gather(*(a.users.get(u) for u in range(5)), return_exceptions=True)
+
+    failures = _LOOP.run_until_complete(failing_burst())
+    assert all(isinstance(f, redis.ConnectionError) for f in failures)  # every waiter hears the failure
+    assert a.metrics.redis_errors.labels("user_state")._value.get() == 5
+    a.read_script = script
+    assert _history(a, 1) == (("110",), ("110",))  # and the next read works again
+
+
+async def _failing(keys, args):
+    raise redis.ConnectionError("Redis went away")
+
+
 def _seeder(server, log_until: float, cap: int = 3) -> UserStateSeeder:
     return UserStateSeeder(server.client(), "t", cap=cap, ttl_s=0, log_until=log_until, since="0-0")
 

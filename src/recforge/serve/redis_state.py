@@ -26,6 +26,7 @@ and for rediss:// URLs RECFORGE_REDIS_TLS_CA_FILE, RECFORGE_REDIS_TLS_CERT_FILE,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -151,20 +152,27 @@ return {redis.call('INCRBY', prefix .. ':events:total', added), fresh}
 """
 
 
-# One call per request: the user's two lists, and (with a request id) the served record of that request --
-# the last history_length clicks, as JSON that user_state.served_record would write -- kept served_ttl_s for the
-# append script to attach to the request's impressions.
+# One call per batch of concurrent requests (see UserReads): per request, the user's two lists as one JSON
+# string (one bulk reply to parse instead of hundreds of list items; cjson writes an empty list as {}), and,
+# with a request id, the request's served record -- the last history_length clicks, as JSON that
+# user_state.served_record would write -- kept served_ttl_s for the append script to attach to the request's
+# impressions.
 _READ = """
-local prefix, user, request_id, n, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local shown = redis.call('LRANGE', prefix .. ':u:' .. user .. ':shown', 0, -1)
-local clicked = redis.call('LRANGE', prefix .. ':u:' .. user .. ':clicked', 0, -1)
-if request_id ~= '' then
-  local history = {}
-  for i = math.max(1, #clicked - n + 1), #clicked do history[#history + 1] = cjson.encode(clicked[i]) end
-  redis.call('SET', prefix .. ':served:' .. request_id,
-             '{"history":[' .. table.concat(history, ',') .. ']}', 'EX', ttl)
+local prefix, ttl, count = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for r = 0, count - 1 do
+  local user, request_id, n = ARGV[4 + r * 3], ARGV[5 + r * 3], tonumber(ARGV[6 + r * 3])
+  local shown = redis.call('LRANGE', prefix .. ':u:' .. user .. ':shown', 0, -1)
+  local clicked = redis.call('LRANGE', prefix .. ':u:' .. user .. ':clicked', 0, -1)
+  if request_id ~= '' then
+    local history = {}
+    for i = math.max(1, #clicked - n + 1), #clicked do history[#history + 1] = cjson.encode(clicked[i]) end
+    redis.call('SET', prefix .. ':served:' .. request_id,
+               '{"history":[' .. table.concat(history, ',') .. ']}', 'EX', ttl)
+  end
+  out[#out + 1] = cjson.encode({shown, clicked})
 end
-return {shown, clicked}
+return out
 """
 
 
@@ -305,29 +313,76 @@ class EventsStream:
         self.plane.close()
 
 
+class UserReads:
+    """The user reads of concurrent requests, coalesced into one script call per batch.
+
+    Why: on a small host the Redis client's own work per command (pool checkout, packing, parsing) costs more
+    CPU than the model's scoring, and it is paid by the same cores that serve. A read joins the batch being
+    gathered; one batch is in flight at a time per process, so under load a batch holds the requests that
+    arrived during the previous round trip (one command, one fsync of their served records), and a lone
+    request goes out on the next turn of the event loop, without waiting for company.
+    """
+
+    MAX_BATCH = 128  # bounds one script's time inside Redis, which serves nothing else meanwhile
+
+    def __init__(self, plane: RedisPlane) -> None:
+        self.plane = plane
+        self._pending: list[tuple[str, str, int, asyncio.Future]] = []
+        self._sender: asyncio.Task | None = None
+
+    async def read(self, user: RawId, request_id: str, history_length: int) -> tuple[list[str], list[str]]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((user_key(user), request_id, history_length, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        plane = self.plane
+        while self._pending:
+            batch, self._pending = self._pending[:self.MAX_BATCH], self._pending[self.MAX_BATCH:]
+            args: list[Any] = [plane.settings.prefix, plane.settings.served_ttl_s, len(batch)]
+            for user, request_id, history_length, _ in batch:
+                args += [user, request_id, history_length]
+            try:
+                replies = await plane.read_script(keys=[], args=args)
+            except BaseException as exc:  # every waiting request gets the failure (redis.RedisError: degraded)
+                failure = exc if isinstance(exc, Exception) else redis.ConnectionError("the Redis read was cancelled")
+                for *_, future in batch + (self._pending if failure is not exc else []):
+                    if not future.done():
+                        future.set_exception(failure)
+                if failure is not exc:
+                    raise
+                continue
+            for reply, (*_, future) in zip(replies, batch, strict=True):
+                if not future.done():  # a request cancelled while waiting drops its reply
+                    shown, clicked = json.loads(reply)
+                    future.set_result((shown, clicked))
+
+
 class RedisUserState:
     """The UserStateStore in Redis: what every replica reads in the same request after an event."""
 
     def __init__(self, plane: RedisPlane) -> None:
         self.plane = plane
+        self.reads = UserReads(plane)
 
     def add(self, events: Sequence[SeenEvent]) -> None:
         """Nothing to do: the append script updated the lists with the events, atomically."""
 
     async def get(self, user: RawId, request_id: str = "", history_length: int = 0
                   ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(shown, clicked) of a user, oldest first, and the request's served record written, in one round trip
-        (the _READ script); raises redis.RedisError when Redis cannot be read."""
-        plane = self.plane
+        """(shown, clicked) of a user, oldest first, with the request's served record written, in one round trip
+        shared with the requests in flight beside it; raises redis.RedisError when Redis cannot be read."""
+        metrics = self.plane.metrics
         started = time.perf_counter()
         try:
-            shown, clicked = await plane.read_script(keys=[], args=[
-                plane.settings.prefix, user_key(user), request_id, history_length, plane.settings.served_ttl_s])
+            shown, clicked = await self.reads.read(user, request_id, history_length)
         except redis.RedisError:
-            plane.metrics.redis_errors.labels("user_state").inc()
+            metrics.redis_errors.labels("user_state").inc()
             raise
         finally:
-            plane.metrics.redis_latency.labels("user_state").observe(time.perf_counter() - started)
+            metrics.redis_latency.labels("user_state").observe(time.perf_counter() - started)
         return tuple(shown), tuple(clicked)
 
     def served(self, request_id: str) -> str | None:
@@ -340,9 +395,10 @@ class RedisCanaryBoard:
     Each replica buffers its canary requests' outcomes and flushes them every sync (a few times a
     second) into per-second buckets: `{prefix}:canary:{kind}:{version}:{second}` (a list of
     "ok latency_ms" entries, expiring after the window). On the same sync it reads the window of every
-    active canary version, and a breach is claimed with SET NX on `{prefix}:canary:banned:{kind}:{version}`:
-    the one replica that wins moves the registry alias; every replica reads the banned keys and stops
-    routing to them.
+    active canary version, and a breach is claimed with HSETNX of `{kind}:{version}` in the hash
+    `{prefix}:canary:banned`: the one replica that wins moves the registry alias; every replica reads the
+    hash (one HGETALL: its size is the number of banned versions, whatever else the keyspace holds) and
+    stops routing to them.
     """
 
     def __init__(self, plane: RedisPlane) -> None:
@@ -401,19 +457,16 @@ class RedisCanaryBoard:
             reason = breach_reason(self.window(kind, int(version), thresholds.window_s), thresholds)
             if reason is None:
                 continue
-            if client.set(self.plane.key("canary", "banned", kind, version), reason, nx=True):
+            if client.hsetnx(self.plane.key("canary", "banned"), f"{kind}:{version}", reason):
                 claimed.append((kind, int(version), reason))
             banned[(kind, int(version))] = reason
         return banned, claimed
 
     def banned(self) -> dict[tuple[str, int], str]:
-        client = self.plane.client
-        keys = list(client.scan_iter(match=self.plane.key("canary", "banned", "*"), count=1000))
-        reasons = client.mget(keys) if keys else []
         out = {}
-        for key, reason in zip(keys, reasons, strict=True):
-            kind, version = key.rsplit(":", 2)[-2:]
-            out[(kind, int(version))] = reason or ""
+        for member, reason in self.plane.client.hgetall(self.plane.key("canary", "banned")).items():
+            kind, version = member.rsplit(":", 1)
+            out[(kind, int(version))] = reason
         return out
 
     def stats(self, window_s: float) -> dict[str, Any]:
