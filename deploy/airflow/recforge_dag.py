@@ -1,7 +1,7 @@
 """Airflow DAG for recforge continuous training: one task per `recforge pipeline run --step NAME`.
 
-    ingest >> prepare >> train >> export >> evaluate >> gate >> check_gate -> publish >> canary -> promote
-                                                                           -> skip_publish ------> promote
+    ingest >> prepare >> features >> train >> export >> evaluate >> gate >> check_gate -> publish >> canary -> promote
+                                                                                       -> skip_publish ------> promote
 
 Every task runs the same CLI step a person can run by hand, so the DAG holds no training logic.
 The gate's JSON decision (the last stdout line of `--step gate`, or /airflow/xcom/return.json in a
@@ -29,7 +29,7 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG
 
-STEPS = ["ingest", "prepare", "train", "export", "evaluate", "gate"]
+STEPS = ["ingest", "prepare", "features", "train", "export", "evaluate", "gate"]
 AFTER_PASS = ["publish", "canary"]
 XCOM_FILE = "/airflow/xcom/return.json"
 

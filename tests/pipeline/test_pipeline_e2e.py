@@ -47,6 +47,8 @@ def test_first_run_publishes_a_canary_and_a_rerun_without_data_trains_nothing(li
     steps = [json.loads(line) for line in (lineage.run_logs()[-1] / "log.jsonl").read_text().splitlines()]
     done = [e["step"] for e in steps if e["status"] == "done"]
     assert done == ["ingest", "prepare", "train", "export", "evaluate", "gate", "publish", "canary", "close"]
+    assert [(e["step"], e["reason"]) for e in steps if e["status"] == "skipped"] == [
+        ("features", "no online: state to materialize users' histories into")]  # nothing to seed, nothing blocked
 
     again = lineage.pipeline()
     assert last_json(again)["decision"] == "no_new_data" and again.returncode == 0

@@ -21,7 +21,7 @@ from recforge.pipeline.runlog import RunLog, read_marker, write_marker
 from recforge.pipeline.settings import PipelineConfig
 from recforge.storage import exclusive_lock
 
-CYCLE_STEPS = ("prepare", "train", "export", "evaluate", "gate", "publish", "canary")
+CYCLE_STEPS = ("prepare", "features", "train", "export", "evaluate", "gate", "publish", "canary")
 STEPS = ("ingest", *CYCLE_STEPS, "promote")
 # Runs that resume the same open cycle before it is reported as stuck.
 STUCK_AFTER = 3
@@ -41,15 +41,27 @@ def _gate_decision(cycle: Cycle) -> str | None:
     return None if marker is None else str(marker["decision"])
 
 
+def _unconfigured(name: str, cycle: Cycle) -> str | None:
+    """Why a step has nothing to do in this pipeline's config (it is skipped, and needs no marker), or None."""
+    online = cycle.cfg.online
+    if name == "features" and (online is None or not online.materialize):
+        return "no online: state to materialize users' histories into" if online is None else \
+            "online.materialize is false"
+    return None
+
+
 def _run_cycle_step(name: str, cycle: Cycle, runlog: RunLog) -> dict[str, Any]:
     """Run one step unless its marker says it is done; close the cycle where it ends."""
     previous = list(CYCLE_STEPS)[: list(CYCLE_STEPS).index(name)]
-    missing = [p for p in previous if read_marker(cycle.dir, p) is None and not (
+    missing = [p for p in previous if read_marker(cycle.dir, p) is None and _unconfigured(p, cycle) is None and not (
         p in _AFTER_PASS and _gate_decision(cycle) == "refuse")]
     if missing:
         raise RuntimeError(f"cycle {cycle.id}: step '{name}' needs step '{missing[0]}' first "
                            f"(run `recforge pipeline run --step {missing[0]}`)")
     done = read_marker(cycle.dir, name)
+    if (unconfigured := _unconfigured(name, cycle)) is not None:
+        runlog.event(name, "skipped", cycle=cycle.id, reason=unconfigured)
+        return {"skipped": unconfigured}
     if done is not None:
         runlog.event(name, "reused", cycle=cycle.id, outputs=done)
         cycle.log(f"{name}: already done in cycle {cycle.id} (finished {done.get('finished')})")
@@ -94,18 +106,6 @@ def _drain_stream(cfg: PipelineConfig, runlog: RunLog, log: Log) -> None:
                  days=exported.days)
     log(f"stream: {ingested.written:,} new event(s) into {online.lake}; exported {exported.exported_rows:,} "
         f"impressions of {len(exported.days)} day(s) since {since} into {cfg.events_dir}")
-
-
-def _materialize(cycle: Cycle, runlog: RunLog, log: Log) -> None:
-    """Users' histories from the cycle's log (the rows its model trained on) into the servers' Redis."""
-    from recforge.recipes.features import materialize_features
-
-    online = cycle.cfg.online
-    assert online is not None
-    report = materialize_features(cycle.training(), online.state, online.prefix)
-    runlog.event("features", "done", users=report.users, clicks=report.clicks_written,
-                 later_events=report.later_events)
-    log(f"features: {report.users:,} users' histories materialized into {online.state}")
 
 
 def _ingest(cfg: PipelineConfig, runlog: RunLog, log: Log) -> Cycle | None:
@@ -188,8 +188,6 @@ def _run_locked(cfg: PipelineConfig, step: str | None, log: Log) -> dict[str, An
             if cycle is not None:
                 for name in CYCLE_STEPS:
                     _run_cycle_step(name, cycle, runlog)
-                if cfg.online is not None and cfg.online.materialize:
-                    _materialize(cycle, runlog, log)
             promoted = _step_function("promote")(cfg)
             runlog.event("promote", promoted["status"], outputs=promoted)
             log(f"promote: {promoted['status']}: {promoted.get('reason', '')}")

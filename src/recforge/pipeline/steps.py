@@ -45,6 +45,20 @@ def prepare(cycle: Cycle) -> dict[str, Any]:
             "splits": {name: split[name]["rows"] for name in ("train", "valid", "test")}}
 
 
+def features(cycle: Cycle) -> dict[str, Any]:
+    """Users' histories from the cycle's log (the rows its model trains on, validated the same way) into the
+    servers' Redis: right after prepare, so serving's histories follow the log even on a cycle whose gate
+    refuses its model (the histories belong to the log, not to a model version)."""
+    from recforge.recipes.features import materialize_features
+
+    online = cycle.cfg.online
+    assert online is not None
+    report = materialize_features(cycle.training(), online.state, online.prefix)
+    cycle.log(f"features: {report.users:,} users' histories materialized into {online.state}")
+    return {"users": report.users, "clicks": report.clicks_written, "later_events": report.later_events,
+            "state": online.state}
+
+
 def train(cycle: Cycle) -> dict[str, Any]:
     cfg = cycle.training()
     # A checkpoint without a train marker is a run that was killed: continue it, do not restart.
