@@ -11,8 +11,10 @@ every 0.2 s and keeps the peak resident memory of each part of the job:
   workers     Spark's Python workers (the tasks running recforge's row rules), summed over the
               workers alive at one instant
 
-and, with --train, `recforge train` (data_loading=stream) on the spark output: samples/s from its
-metrics and its peak RSS. Results are printed as a table and, with --json, as JSON; the fitted
+and, with --train, `recforge train` (data_loading=stream) on each engine's output: samples/s from its
+metrics, its peak RSS and its peak anonymous RSS (without file-backed pages: the memory-mapped shards'
+pages are page cache that the kernel reclaims, and they count in RSS as the trainer reads through them).
+Results are printed as a table and, with --json, as JSON; the fitted
 per-event cost is the least-squares slope of wall time over events.
 
     .venv/bin/python bench/data_scale.py --sizes 1000000,10000000 --engines local,spark
@@ -88,12 +90,15 @@ def generate(events: int, out: Path, file_rows: int, seed: int = 0, hot_user_eve
     return out
 
 
-def _rss(pid: int) -> int:
+def _rss(pid: int, anonymous: bool = False) -> int:
+    """Resident bytes of a process; `anonymous`: without its file-backed pages (statm resident - shared), i.e.
+    without the pages of memory-mapped shards, which are page cache the kernel drops under pressure."""
     try:
         with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * _PAGE
+            fields = handle.read().split()
     except OSError:
         return 0
+    return (int(fields[1]) - (int(fields[2]) if anonymous else 0)) * _PAGE
 
 
 def _children(pid: int) -> list[int]:
@@ -125,12 +130,13 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run `cmd`; its wall time and the peak RSS of driver / jvm / workers (sampled every 0.2 s)."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks = {"driver": 0, "jvm": 0, "workers": 0}
+    peaks = {"driver": 0, "driver_anon": 0, "jvm": 0, "workers": 0}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            now = {"driver": _rss(proc.pid), "jvm": 0, "workers": 0, "other": 0, "gone": 0}
+            now = {"driver": _rss(proc.pid), "driver_anon": _rss(proc.pid, anonymous=True), "jvm": 0, "workers": 0,
+                   "other": 0, "gone": 0}
             for child in _children(proc.pid):
                 now[_kind(child)] += _rss(child)
             for key in peaks:
@@ -166,10 +172,12 @@ def _config(log: Path, work: Path, engine: str, spark_conf: list[str]) -> Path:
     return path
 
 
-def prepare(log: Path, work: Path, engine: str, spark_conf: list[str]) -> dict[str, Any]:
+def prepare(log: Path, work: Path, engine: str, spark_conf: list[str], reuse: bool = False) -> dict[str, Any]:
     config = _config(log, work, engine, spark_conf)
-    result = run_measured([*_RECFORGE, "data", "prepare", "--config", str(config)],
-                          dict(os.environ))
+    if reuse and (work / "prepared" / "manifest.json").exists():
+        result: dict[str, Any] = {"reused": True, "seconds": None, "stdout": ""}
+    else:
+        result = run_measured([*_RECFORGE, "data", "prepare", "--config", str(config)], dict(os.environ))
     meta = json.loads((work / "prepared" / "meta.json").read_text())
     result.update(rows=meta["rows"], shards=sum(len(s["shards"]) for s in json.loads(
         (work / "prepared" / "manifest.json").read_text())["splits"].values()))
@@ -202,10 +210,12 @@ def main() -> None:
     parser.add_argument("--engines", default="local,spark")
     parser.add_argument("--file-rows", type=int, default=1_000_000)
     parser.add_argument("--spark-conf", action="append", default=[], help="KEY=VALUE, e.g. spark.driver.memory=4g")
-    parser.add_argument("--train", action="store_true", help="also train (stream) on the last engine's output")
+    parser.add_argument("--train", action="store_true", help="also train (stream) on each engine's output")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--hot-user-events", type=int, default=0,
                         help="one user owns this many of the events (skew), e.g. 1000000 of 10000000")
+    parser.add_argument("--reuse-prepared", action="store_true",
+                        help="keep a size/engine's prepared output from an earlier run (no prepare row: --train only)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results: dict[str, Any] = {"cpu": cpu(), "runs": []}
@@ -216,19 +226,27 @@ def main() -> None:
         for engine in args.engines.split(","):
             work = WORK / name / engine
             run = {"events": size, "engine": engine, "hot_user_events": args.hot_user_events,
-                   **prepare(log, work, engine, args.spark_conf)}
+                   **prepare(log, work, engine, args.spark_conf, args.reuse_prepared)}
             if args.train:
                 run["train"] = train(work, args.batch_size)
             results["runs"].append(run)
             print(json.dumps(run), file=sys.stderr)
     for engine in args.engines.split(","):
-        points = [(r["events"], r["seconds"]) for r in results["runs"] if r["engine"] == engine]
+        points = [(r["events"], r["seconds"]) for r in results["runs"] if r["engine"] == engine and r["seconds"]]
         results[f"{engine}_s_per_million_events"] = fitted_cost(points)
     print("| events | engine | wall s | driver MB | JVM MB | workers MB | rows | shards |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in results["runs"]:
-        print(f"| {r['events']:,} | {r['engine']} | {r['seconds']} | {r['driver_peak_mb']} | {r['jvm_peak_mb']} | "
-              f"{r['workers_peak_mb']} | {r['rows']:,} | {r['shards']} |")
+        if not r.get("reused"):
+            print(f"| {r['events']:,} | {r['engine']} | {r['seconds']} | {r['driver_peak_mb']} | {r['jvm_peak_mb']} | "
+                  f"{r['workers_peak_mb']} | {r['rows']:,} | {r['shards']} |")
+    if args.train:
+        print("| events | engine | train s | peak MB | anonymous peak MB | samples/s |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for r in results["runs"]:
+            t = r["train"]
+            print(f"| {r['events']:,} | {r['engine']} | {t['seconds']} | {t['driver_peak_mb']} | "
+                  f"{t['driver_anon_peak_mb']} | {t['samples_per_s']:,} |")
     if args.json:
         print(json.dumps(results))
 
