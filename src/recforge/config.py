@@ -169,6 +169,12 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     name: str = "dnn"
     embedding_dim: int = Field(16, ge=1)
+    # Embedding rows start as N(0, embedding_init_std^2): nn.Embedding's N(0, 1) measurably hurts CTR
+    # models, small rows train better (0.01 is DeepCTR's and FuxiCTR's default too).
+    embedding_init_std: float = Field(0.01, gt=0.0)
+    # Dropout on the looked-up embedding vectors while training (each element zeroed with this
+    # probability, the rest scaled by 1/(1-p)); off at evaluation and in bundles.
+    embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     hidden: list[int] = Field(default_factory=lambda: [256, 128])
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     # Two-tower retrieval: dot product of L2-normalized vectors divided by the temperature.
@@ -186,6 +192,9 @@ class TrainConfig(Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(1e-3, gt=0.0)
+    # L2 as torch.optim.Adam applies it (grad += weight_decay * parameter). With rowwise_adam it
+    # reaches the embedding rows a batch touches (untouched rows are not decayed, see train/optim.py);
+    # with adam, every row every step; sparse_adam cannot apply it (an error when set).
     weight_decay: float = Field(0.0, ge=0.0)
     # adam: one dense Adam over everything (updates every embedding row every step).
     # rowwise_adam: sparse embedding gradients + lazy Adam on the rows a batch touches (the fast

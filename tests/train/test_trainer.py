@@ -191,3 +191,27 @@ def test_optimizer_step_counts_a_step_the_scaler_skipped():
     assert skipped.item() == 1 and torch.equal(model.weight, before)
     optimizer_step(model(torch.ones(4, 3)).sum(), [opt], scaler, skipped)
     assert skipped.item() == 1 and not torch.equal(model.weight, before)
+
+
+def test_weight_decay_reaches_the_embedding_rows_and_is_refused_where_it_cannot():
+    from recforge.train.optim import RowWiseAdam
+    from recforge.train.trainer import make_optimizers
+
+    model = build_model(FEATURES, ModelConfig(name="dnn", hidden=[8]), sparse=True)
+    lazy, dense = make_optimizers(model, _cfg(optimizer="rowwise_adam", weight_decay=0.01))
+    assert isinstance(lazy, RowWiseAdam) and lazy.param_groups[0]["weight_decay"] == 0.01
+    assert dense.param_groups[0]["weight_decay"] == 0.01
+    with pytest.raises(ValueError, match="sparse_adam"):
+        make_optimizers(model, _cfg(optimizer="sparse_adam", weight_decay=0.01))
+
+
+def test_embedding_dropout_acts_in_training_only_and_init_scale_is_the_config_s():
+    model = build_model(FEATURES, ModelConfig(name="dnn", hidden=[8], embedding_dropout=0.5, embedding_init_std=0.2))
+    weight = model.embeddings.table.weight.detach()
+    assert 0.15 < float(weight.std()) < 0.25
+    rows = torch.tensor([[1, 2, 3]] * 64)
+    model.train()
+    dropped = model.embeddings(rows)
+    assert float((dropped == 0).float().mean()) > 0.3
+    model.eval()
+    assert torch.equal(model.embeddings(rows), model.embeddings.table(rows + model.embeddings.offsets))

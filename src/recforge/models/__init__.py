@@ -25,8 +25,14 @@ from recforge.models.two_tower import TwoTower
 from recforge.nn import MLP, CrossNetwork, FusedEmbedding, TargetAttention, Tower
 
 
+def _table(cardinalities: list[int], dim: int, cfg: ModelConfig, sparse: bool) -> FusedEmbedding:
+    """An embedding table with the config's init scale and embedding dropout."""
+    return FusedEmbedding(cardinalities, dim, sparse=sparse, init_std=cfg.embedding_init_std,
+                          dropout=cfg.embedding_dropout)
+
+
 def build_dnn(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
-    embeddings = FusedEmbedding(list(features.cardinalities), cfg.embedding_dim, sparse=sparse)
+    embeddings = _table(list(features.cardinalities), cfg.embedding_dim, cfg, sparse)
     in_dim = len(features.categorical) * cfg.embedding_dim + len(features.numeric)
     mlp = MLP(in_dim, list(cfg.hidden), cfg.dropout)
     return DNNRanker(embeddings, mlp, num_numeric=len(features.numeric))
@@ -36,8 +42,8 @@ def build_two_tower(features: FeatureLayout, cfg: ModelConfig, sparse: bool = Fa
     user_columns = features.columns("user", "context")
     item_columns = features.item_columns
     dim = cfg.embedding_dim
-    user_embeddings = FusedEmbedding([features.cardinalities[c] for c in user_columns], dim, sparse=sparse)
-    item_embeddings = FusedEmbedding([features.cardinalities[c] for c in item_columns], dim, sparse=sparse)
+    user_embeddings = _table([features.cardinalities[c] for c in user_columns], dim, cfg, sparse)
+    item_embeddings = _table([features.cardinalities[c] for c in item_columns], dim, cfg, sparse)
     # The user tower also takes the pooled history (one item-embedding wide).
     user_mlp = Tower(len(user_columns) * dim + dim, list(cfg.hidden), dim, cfg.dropout)
     item_mlp = Tower(len(item_columns) * dim, list(cfg.hidden), dim, cfg.dropout)
@@ -47,17 +53,17 @@ def build_two_tower(features: FeatureLayout, cfg: ModelConfig, sparse: bool = Fa
 
 def build_deepfm(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
     cardinalities = list(features.cardinalities)
-    embeddings = FusedEmbedding(cardinalities, cfg.embedding_dim, sparse=sparse)
+    embeddings = _table(cardinalities, cfg.embedding_dim, cfg, sparse)
     # The first-order weights are embedding rows too: sparse like the main table, so a row-wise
     # optimizer updates only the rows a batch touches.
-    first_order = FusedEmbedding(cardinalities, 1, sparse=sparse)
+    first_order = FusedEmbedding(cardinalities, 1, sparse=sparse, init_std=cfg.embedding_init_std)
     in_dim = len(features.categorical) * cfg.embedding_dim + len(features.numeric)
     mlp = MLP(in_dim, list(cfg.hidden), cfg.dropout)
     return DeepFM(embeddings, first_order, mlp, num_numeric=len(features.numeric))
 
 
 def build_dcnv2(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
-    embeddings = FusedEmbedding(list(features.cardinalities), cfg.embedding_dim, sparse=sparse)
+    embeddings = _table(list(features.cardinalities), cfg.embedding_dim, cfg, sparse)
     in_dim = len(features.categorical) * cfg.embedding_dim + len(features.numeric)
     cross = CrossNetwork(in_dim, cfg.cross_layers, low_rank=cfg.cross_low_rank)
     mlp = MLP(cross.out_dim if cfg.structure == "stacked" else in_dim, list(cfg.hidden), cfg.dropout)
@@ -66,7 +72,7 @@ def build_dcnv2(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False)
 
 def build_din(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
     dim = cfg.embedding_dim
-    embeddings = FusedEmbedding(list(features.cardinalities), dim, sparse=sparse)
+    embeddings = _table(list(features.cardinalities), dim, cfg, sparse)
     # Inputs: every field's embedding, the attention-pooled history (one embedding), numeric features.
     mlp = MLP((len(features.categorical) + 1) * dim + len(features.numeric), list(cfg.hidden), cfg.dropout)
     return DIN(embeddings, TargetAttention(dim), mlp, item_column=features.item_column,

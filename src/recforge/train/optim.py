@@ -19,7 +19,11 @@ class RowWiseAdam(torch.optim.Optimizer):
     """Adam on the rows a sparse gradient touches; untouched rows and their moments stay as they are.
 
     Same update as torch.optim.SparseAdam (bias correction by the global step), so the two are
-    interchangeable; `tests/train/test_optim.py` checks they agree.
+    interchangeable; `tests/train/test_optim.py` checks they agree. `weight_decay` is L2 the way
+    torch.optim.Adam applies it (`grad += weight_decay * row` before the moments), but only on the
+    rows the batch touches: a row no batch touches is neither decayed nor moved. That is the lazy
+    optimizer's regularization (SparseAdam has none); dense Adam over the whole table would instead
+    shrink every row every step, the cost this optimizer exists to avoid.
     """
 
     def __init__(
@@ -28,10 +32,13 @@ class RowWiseAdam(torch.optim.Optimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        weight_decay: float = 0.0,
     ):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must not be negative, got {weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 - the torch.optim signature
@@ -51,6 +58,9 @@ class RowWiseAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 state["step"] += 1
                 rows, row_grad = _coalesce_rows(grad)
+                if group.get("weight_decay", 0.0):
+                    row_grad = row_grad.add(param.index_select(0, rows).to(row_grad.dtype),
+                                            alpha=group["weight_decay"])
                 exp_avg = state["exp_avg"].index_select(0, rows)
                 exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
                 exp_avg.mul_(beta1).add_(row_grad, alpha=1 - beta1)

@@ -65,7 +65,9 @@ def config_digest(train_cfg: TrainConfig, extra: dict[str, Any]) -> str:
 
 def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """adam: one Adam over all parameters. rowwise_adam / sparse_adam: a lazy Adam over parameters
-    whose gradients are sparse (the embedding table, built with sparse=True), Adam over the rest."""
+    whose gradients are sparse (the embedding table, built with sparse=True), Adam over the rest.
+    train.weight_decay reaches every parameter: the dense ones through Adam, the embedding rows a
+    batch touches through RowWiseAdam (sparse_adam has no decay, so asking for both is an error)."""
     if cfg.optimizer == "adam":
         return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
     sparse, dense = [], []
@@ -76,8 +78,11 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opti
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     if not sparse:
         raise ValueError(f"train.optimizer={cfg.optimizer} needs a model built with sparse embeddings")
-    lazy = RowWiseAdam(sparse, lr=cfg.lr) if cfg.optimizer == "rowwise_adam" else torch.optim.SparseAdam(
-        sparse, lr=cfg.lr)
+    if cfg.optimizer == "sparse_adam" and cfg.weight_decay > 0:
+        raise ValueError("train.weight_decay is not applied by train.optimizer=sparse_adam (torch.optim.SparseAdam "
+                         "has none): use train.optimizer=rowwise_adam, which decays the rows a batch touches")
+    lazy = RowWiseAdam(sparse, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "rowwise_adam" \
+        else torch.optim.SparseAdam(sparse, lr=cfg.lr)
     return [
         lazy,
         torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay),
