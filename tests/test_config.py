@@ -49,6 +49,13 @@ def test_bad_files_and_cross_field_rules(tmp_path):
         config.load(None, ["data.split.valid_fraction=0.5", "data.split.test_fraction=0.5"])
     with pytest.raises(config.ConfigError, match="more than one role"):
         config.load(None, ["data.schema.context=[user_id]"])
+    with pytest.raises(config.ConfigError, match="needs data.schema.split"):
+        config.load(None, ["data.split.method=column"])
+    with pytest.raises(config.ConfigError, match="set data.split.method=column"):
+        config.load(None, ["data.schema.split=fold"])
+    with pytest.raises(config.ConfigError, match="more than one role"):
+        config.load(None, ["data.schema.split=device", "data.split.method=column"])
+    assert config.load(None, ["data.split.test_fraction=0"]).data.split.test_fraction == 0
 
 
 def test_config_is_frozen():

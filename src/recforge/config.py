@@ -67,10 +67,14 @@ class SchemaConfig(Strict):
     # s/ms/us/ns: every value in that unit. Either way a time before 1970 or after 2262-04-11
     # (the int64-nanosecond limit), or between the auto bands, is quarantined (timestamp_out_of_range).
     time_unit: Literal["auto", "s", "ms", "us", "ns"] = "auto"
+    # A column assigning each event to train / valid / test (read only with data.split.method=column).
+    split: str | None = None
 
     @model_validator(mode="after")
     def _no_repeats(self) -> SchemaConfig:
         names = [self.user, self.item, self.time, *self.context, *self.item_features, *self.numeric]
+        if self.split:
+            names.append(self.split)
         if self.label.column:
             names.append(self.label.column)
         seen: set[str] = set()
@@ -86,13 +90,22 @@ class SchemaConfig(Strict):
 
 
 class SplitConfig(Strict):
-    """time: global cut points at timestamp quantiles (no event of the future in train).
-    leave_last_out: each user's last event is test, the one before valid (users with < 3 events
-    stay wholly in train)."""
+    """Which events are train, valid and test.
 
-    method: Literal["time", "leave_last_out"] = "time"
+    time: global cut points at timestamp quantiles (no event of the future in train).
+    leave_last_out: each user's last event is test, the one before valid (users with < 3 events
+    stay wholly in train); a fraction of 0 switches that split off.
+    per_user_fraction: each user's own events in time order, the last floor(n * test_fraction)
+    test and the floor(n * valid_fraction) before them valid (the usual top-K protocol: every user
+    is evaluated on their own latest behaviour; a user with too few events stays in train).
+    column: the log's schema.split column says it, row by row (train / valid / test; any other
+    value is quarantined as bad_split): the user's own split, or three files made one log.
+    A test fraction of 0 leaves no test split (train on everything that is not validation).
+    """
+
+    method: Literal["time", "leave_last_out", "per_user_fraction", "column"] = "time"
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
@@ -165,6 +178,17 @@ class DataConfig(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _split_column(self) -> DataConfig:
+        by_column = self.split.method == "column"
+        if by_column and not self.schema_.split:
+            raise ValueError("data.split.method=column needs data.schema.split: the column holding "
+                             "train / valid / test for each event")
+        if self.schema_.split and not by_column:
+            raise ValueError(f"data.schema.split names column '{self.schema_.split}' but data.split.method is "
+                             f"{self.split.method}: set data.split.method=column to use it, or drop it")
+        return self
+
 
 class ModelConfig(Strict):
     name: str = "dnn"
@@ -203,6 +227,9 @@ class TrainConfig(Strict):
     optimizer: Literal["adam", "rowwise_adam", "sparse_adam"] = "rowwise_adam"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
+    # Stop when the validation metric has not improved for `patience` epochs and keep the best epoch's
+    # weights. Needs a validation split (an error without one); false: train every epoch, keep the last.
+    early_stopping: bool = True
     patience: int = Field(2, ge=1)
     # recall@20: full-catalog Recall@20 on the validation split (retrieval models).
     early_stopping_metric: Literal["auc", "gauc", "logloss", "recall@20"] = "auc"

@@ -69,6 +69,63 @@ def test_leave_last_out_per_user():
     assert split.tolist() == [1, 0, 2, 0, 0, 0, 1, 2, 0]
 
 
+def test_per_user_fraction_takes_each_users_latest_share():
+    # user 0: 10 events, user 1: 4 events, user 2: 2 events (too few for any held-out event)
+    users = np.repeat([0, 1, 2], [10, 4, 2])
+    rng = np.random.default_rng(3)
+    times = np.concatenate([rng.permutation(10), rng.permutation(4), [5, 5]])
+    split = assign_splits(times, users, SplitConfig(method="per_user_fraction", valid_fraction=0.25,
+                                                    test_fraction=0.3))
+    by_user = {u: split[users == u][np.argsort(times[users == u], kind="stable")].tolist() for u in range(3)}
+    # floor(10 * 0.3) = 3 test, floor(10 * 0.25) = 2 valid; floor(4 * 0.3) = 1 test, floor(4 * 0.25) = 1 valid
+    assert by_user[0] == [0] * 5 + [1] * 2 + [2] * 3
+    assert by_user[1] == [0, 0, 1, 2]
+    assert by_user[2] == [0, 0]
+
+
+def test_per_user_fraction_rounds_exact_products_and_always_leaves_training():
+    users = np.zeros(100, dtype=np.int64)
+    split = assign_splits(np.arange(100), users, SplitConfig(method="per_user_fraction", valid_fraction=0.0,
+                                                             test_fraction=0.29))
+    assert int((split == 2).sum()) == 29  # 0.29 * 100 is 28.999... in float64
+    # 5 test and floor(4.999999999 + 1e-9) = 5 valid would leave no training event: valid gives one back
+    edge = assign_splits(np.arange(10), np.zeros(10, dtype=np.int64),
+                         SplitConfig(method="per_user_fraction", valid_fraction=0.4999999999, test_fraction=0.5))
+    assert edge.tolist() == [0] + [1] * 4 + [2] * 5
+
+
+def test_a_test_fraction_of_zero_leaves_no_test_split(tmp_path):
+    times = np.arange(20)
+    assert 2 not in assign_splits(times, np.zeros(20, dtype=np.int64), SplitConfig(test_fraction=0.0)).tolist()
+    users = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    split = assign_splits(np.array([5, 1, 9, 3, 1, 2, 7, 8, 6]), users,
+                          SplitConfig(method="leave_last_out", test_fraction=0.0))
+    assert split.tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 0]  # the last event is validation now
+    info = _prepare(_log(), tmp_path, split=SplitConfig(valid_fraction=0.2, test_fraction=0.0))
+    assert info.meta["split"]["test"]["rows"] == 0 and abs(info.meta["split"]["valid"]["rows"] - 400) <= 5
+    assert len(SplitData.load(info.path, "test")) == 0
+
+
+def test_a_split_column_is_the_split_and_a_bad_value_is_quarantined(tmp_path):
+    table = _log(300, seed=4)
+    names = np.random.default_rng(4).choice(["train", "valid", "test"], 300, p=[0.6, 0.2, 0.2]).astype(object)
+    names[[3, 50]] = [" Test ", "VALID"]  # trimmed and lower-cased
+    names[[7, 8, 9]] = ["holdout", "", None]
+    schema = SCHEMA.model_copy(update={"split": "fold"})
+    validated = validate(table.append_column("fold", pa.array(names.tolist(), pa.string())), schema)
+    assert validated.counts["bad_split"] == 3
+    assert validated.quarantine.column("_row").to_pylist() == [8, 9, 10]
+    info = prepare(validated.clean, schema, SplitConfig(method="column"), VocabConfig(), NegativesConfig(),
+                   tmp_path / "prepared", PrepareOptions(seed=1))
+    kept = np.ones(300, dtype=bool)
+    kept[[7, 8, 9]] = False
+    wanted = np.char.lower(np.char.strip(names[kept].astype(str)))
+    for split in ("train", "valid", "test"):
+        expected = np.sort(table.column("timestamp").to_numpy()[kept][wanted == split])
+        assert np.array_equal(np.sort(_read(info.path, split, "timestamp")), expected), split
+    assert info.meta["split"]["method"] == "column"
+
+
 def test_vocab_is_fit_on_train_only(tmp_path):
     """Users and items that first appear in the test period must encode to the unknown index."""
     table = _log()

@@ -175,8 +175,9 @@ def test_an_unreadable_file_fails_naming_it(spark, tmp_path):
     assert not (tmp_path / "spark" / "prepared").exists()
 
 
-def _parquet_parts(root: Path, parts: int, rows: int, seed: int) -> Path:
-    """Parquet parts written at different times: the id and time types drift between them."""
+def _parquet_parts(root: Path, parts: int, rows: int, seed: int, fold: bool = False) -> Path:
+    """Parquet parts written at different times: the id and time types drift between them (with `fold`,
+    a split column too, some of its values in odd case or spacing and some not a split at all)."""
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
@@ -190,6 +191,8 @@ def _parquet_parts(root: Path, parts: int, rows: int, seed: int) -> Path:
                    "timestamp": pa.array(times * 1000 if p == 1 else times),  # one partition logged in ms
                    "device": pa.array(rng.choice(["ios", "web"], rows)),
                    "category": pa.array(items % 9), "price": pa.array(rng.gamma(2.0, 10.0, rows))}
+        if fold:
+            columns["fold"] = pa.array(rng.choice(["train"] * 6 + ["valid", "test", " Test", "holdout"], rows))
         if p == 3:
             columns["price"] = pa.array([f"{v:.2f}" if r % 50 else "n/a" for r, v in enumerate(columns["price"]
                                                                                             .to_pylist())])
@@ -209,6 +212,28 @@ def test_leave_last_out_hashing_and_schema_drift_match(spark, tmp_path):
     # `data validate` on Spark reports what it reports locally.
     spark_cfg = _config(tmp_path, source, "spark", "spark", format="parquet")
     assert validate_source(spark_cfg).result.report() == report
+
+
+def test_per_user_fraction_and_split_column_match(spark, tmp_path):
+    """The two per-row split rules beyond time and leave-last-out: the planted log (ties, bad rows) by
+    each user's latest share, and parquet parts by their own split column (bad values quarantined)."""
+    (local, local_result), (sparked, spark_result) = _both(
+        tmp_path / "fraction", _write_log(tmp_path / "log"),
+        split={"method": "per_user_fraction", "valid_fraction": 0.15, "test_fraction": 0.25})
+    assert local_result.report() == spark_result.report()
+    _assert_same_dataset(local.path, sparked.path)
+    meta = json.loads((local.path / "meta.json").read_text())["split"]
+    assert meta["test"]["rows"] > 0 and meta["valid"]["rows"] > 0
+
+    source = _parquet_parts(tmp_path / "folds", parts=4, rows=400, seed=9, fold=True)
+    schema = {"user": "user_id", "item": "item_id", "time": "timestamp", "split": "fold",
+              "label": {"kind": "implicit", "column": None}, "context": ["device"],
+              "item_features": ["category"], "numeric": ["price"]}
+    (local, local_result), (sparked, spark_result) = _both(
+        tmp_path / "column", source, format="parquet", split={"method": "column"}, schema=schema)
+    report = local_result.report()
+    assert report == spark_result.report() and report["by_reason"]["bad_split"] > 0
+    _assert_same_dataset(local.path, sparked.path)
 
 
 def test_one_corrupt_file_among_a_thousand_is_named(spark, tmp_path):

@@ -88,6 +88,7 @@ def test_each_reason_with_exact_counts() -> None:
         "bad_label": 1,
         "label_out_of_range": 2,
         "bad_numeric": 3,
+        "bad_split": 0,
         "duplicate_event": 1,
     }
     assert list(result.counts) == list(REASONS)

@@ -112,6 +112,35 @@ def test_movielens_prepare_train_evaluate(tmp_path):
     assert 0.0 < results["model"]["auc"] <= 1.0 and results["popularity"]["logloss"] > 0
 
 
+def test_a_split_column_and_no_validation_split_through_the_cli(tmp_path):
+    """The user's own split column decides the splits; a run without valid rows must say early stopping
+    cannot work instead of quietly training without it, and trains every epoch once told to."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    n = 4000
+    users, items = rng.integers(1, 150, n), rng.integers(1, 200, n)
+    ratings = np.clip(np.round((users % 5 + items % 5) / 2 + rng.normal(0, 0.7, n)), 1, 5).astype(int)
+    times = 880_000_000 + np.sort(rng.integers(0, 10_000_000, n))
+    folds = np.where(np.arange(n) < 3200, "train", "test")
+    lines = ["user_id,item_id,rating,timestamp,fold",
+             *[f"{u},{i},{r},{t},{f}" for u, i, r, t, f in zip(users, items, ratings, times, folds, strict=True)]]
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    args = [f"workdir={tmp_path / 'w'}", f"data.source={tmp_path / 'log.csv'}", *ML_SCHEMA, "data.format=csv",
+            "data.schema.split=fold", "data.split.method=column", "train.batch_size=256", "train.epochs=2",
+            "train.progress=false"]
+    prepared = json.loads(run("data", "prepare", *args, cwd=tmp_path).stdout)
+    assert prepared["splits"] == {"train": 3200, "valid": 0, "test": 800}
+    refused = run("train", *args, cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "no validation split" in refused.stderr
+    assert "train.early_stopping=false" in refused.stderr and "Traceback" not in refused.stderr
+    run("train", *args, "train.early_stopping=false", cwd=tmp_path)
+    results = json.loads(run("evaluate", "--json", *args, "train.early_stopping=false", cwd=tmp_path).stdout)
+    assert 0.0 < results["model"]["auc"] <= 1.0
+    no_test = run("evaluate", *args, "--split", "valid", cwd=tmp_path, check=False)
+    assert no_test.returncode == 1 and "split 'valid'" in no_test.stderr and "has no rows" in no_test.stderr
+
+
 @pytest.mark.skipif(not MOVIELENS.is_file(), reason="MovieLens ml-latest-small is not beside the checkout")
 def test_real_movielens_file_validates_fully(tmp_path):
     proc = run("data", "validate", f"data.source={MOVIELENS}", *ML_SCHEMA, f"workdir={tmp_path}",

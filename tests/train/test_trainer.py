@@ -110,6 +110,22 @@ def test_early_stopping_stops_and_keeps_best(tmp_path):
     assert len(result.state.history) == 4  # epochs 0..3; 2 without improvement after epoch 1
 
 
+def test_without_early_stopping_every_epoch_runs_and_the_last_is_kept(tmp_path):
+    data = _toy_split(2000, seed=4)
+    calls = iter([0.70, 0.72, 0.71, 0.69, 0.68])
+
+    def validate(model):
+        return {"auc": next(calls), "gauc": 0.5, "logloss": 0.6}
+
+    model = _model()
+    result = train(model, data, validate, _cfg(epochs=5, patience=1, early_stopping=False),
+                   TrainOptions(tmp_path, seed=1, log=_quiet))
+    assert len(result.state.history) == 5 and result.state.best_epoch == 4
+    assert [r["valid_auc"] for r in result.state.history] == [0.70, 0.72, 0.71, 0.69, 0.68]
+    kept = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     data = _toy_split(4000, seed=6)
     model = _model()

@@ -28,14 +28,14 @@ import pyarrow.compute as pc
 from recforge.config import NegativesConfig, SchemaConfig, SplitConfig, VocabConfig
 from recforge.data.buckets import NegativePlan, bucket_count, merge_buckets, process_bucket, user_bucket
 from recforge.data.history import take_histories
-from recforge.data.schema import DataError
+from recforge.data.schema import SPLIT_NAMES, DataError
 from recforge.data.shards import COLUMNS, shard_bounds, shard_name, write_manifest, write_shard
 from recforge.data.vocab import Vocab, fit_vocabs, save_vocabs
 from recforge.features import FEATURES_FILE, FeatureLayout
 from recforge.storage import save_array, write_json
 
 PREPARED_SCHEMA_VERSION = 2  # 2: sharded splits (manifest.json)
-SPLITS = ("train", "valid", "test")
+SPLITS = SPLIT_NAMES
 
 
 @dataclass(frozen=True)
@@ -63,48 +63,70 @@ def _dense_key(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), len(encoded.dictionary)
 
 
-def cut_ranks(n: int, cfg: SplitConfig) -> tuple[int, int | None]:
-    """Ranks (0-based, in ascending time) of the test and valid cut points of a time split of n rows.
+def cut_ranks(n: int, cfg: SplitConfig) -> tuple[int | None, int | None]:
+    """Ranks (0-based, in ascending time) of the test and valid cut points of a time split of n rows
+    (None: that split is switched off by a fraction of 0).
 
     Both engines take the timestamp at these exact ranks, so their cut points are identical.
     """
-    test = min(n - 1, int(np.floor(n * (1.0 - cfg.test_fraction))))
+    test = min(n - 1, int(np.floor(n * (1.0 - cfg.test_fraction)))) if cfg.test_fraction > 0 else None
     valid = min(n - 1, int(np.floor(n * (1.0 - cfg.test_fraction - cfg.valid_fraction)))) \
         if cfg.valid_fraction > 0 else None
     return test, valid
 
 
-def assign_splits(times: np.ndarray, user_key: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+def per_user_counts(sizes: np.ndarray, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(test, valid) events of users with `sizes` events each under a per-user split.
+
+    leave_last_out: one of each that is switched on (fraction > 0), for users with 3 or more events.
+    per_user_fraction: floor(n * fraction) of each (the 1e-9 absorbs 0.29 * 100 = 28.999...), valid
+    capped so that every user keeps at least one training event. Both engines compute these numbers
+    with the same float64 arithmetic, so their splits are identical.
+    """
+    if cfg.method == "leave_last_out":
+        eligible = (sizes >= 3).astype(np.int64)
+        return eligible * int(cfg.test_fraction > 0), eligible * int(cfg.valid_fraction > 0)
+    test = np.floor(sizes.astype(np.float64) * cfg.test_fraction + 1e-9).astype(np.int64)
+    valid = np.floor(sizes.astype(np.float64) * cfg.valid_fraction + 1e-9).astype(np.int64)
+    return test, np.minimum(valid, sizes - 1 - test)
+
+
+def assign_splits(times: np.ndarray, user_key: np.ndarray, cfg: SplitConfig,
+                  named: np.ndarray | None = None) -> np.ndarray:
     """0 = train, 1 = valid, 2 = test for each row.
 
     time: cut points at timestamp quantiles (cut_ranks); every event at or after a cut belongs to
     the later split, so no event of the evaluation period (or a tie with it) leaks into training.
-    leave_last_out: per user, the last event (ties broken by input order) is test and the one
-    before is valid; users with fewer than 3 events contribute only training rows.
+    leave_last_out / per_user_fraction: per user, in time order (ties broken by input order), the
+    last per_user_counts()[0] events are test and the per_user_counts()[1] before them valid.
+    column: `named`, each row's index in SPLIT_NAMES, read from the log.
     """
     n = len(times)
     split = np.zeros(n, dtype=np.int8)
     if n == 0:
         return split
+    if cfg.method == "column":
+        if named is None:
+            raise ValueError("split.method=column needs each row's split name")
+        return np.asarray(named, dtype=np.int8)
     if cfg.method == "time":
         ordered = np.sort(times)
         test_rank, valid_rank = cut_ranks(n, cfg)
-        test_cut = ordered[test_rank]
-        split[times >= test_cut] = 2
+        if test_rank is not None:
+            split[times >= ordered[test_rank]] = 2
         if valid_rank is not None:
+            test_cut = ordered[test_rank] if test_rank is not None else np.iinfo(np.int64).max
             split[(times >= ordered[valid_rank]) & (times < test_cut)] = 1
         return split
     order = np.lexsort((np.arange(n), times, user_key))
     sorted_users = user_key[order]
     group_start = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]
     sizes = np.diff(np.r_[group_start, n])
-    group_end = np.repeat(group_start + sizes, sizes)
-    from_end = group_end - 1 - np.arange(n)
-    eligible = np.repeat(sizes >= 3, sizes)
+    from_end = np.repeat(group_start + sizes, sizes) - 1 - np.arange(n)
+    test, valid = (np.repeat(count, sizes) for count in per_user_counts(sizes, cfg))
     split_sorted = np.zeros(n, dtype=np.int8)
-    split_sorted[eligible & (from_end == 0)] = 2
-    if cfg.valid_fraction > 0:
-        split_sorted[eligible & (from_end == 1)] = 1
+    split_sorted[from_end < test + valid] = 1
+    split_sorted[from_end < test] = 2
     split[order] = split_sorted
     return split
 
@@ -190,8 +212,10 @@ def prepare(
     times = events.column(schema.time).to_numpy().astype(np.int64)
     user_key, num_users = _dense_key(events.column(schema.user))
     item_key, num_item_keys = _dense_key(events.column(schema.item))
-    split = assign_splits(times, user_key, split_cfg)
-    check_split_counts(np.bincount(split, minlength=3))
+    named = pc.index_in(events.column(schema.split), value_set=pa.array(SPLIT_NAMES)).to_numpy(
+        zero_copy_only=False) if schema.split else None
+    split = assign_splits(times, user_key, split_cfg, named)
+    check_split_counts(np.bincount(split, minlength=3), split_cfg)
 
     train_mask = split == 0
     vocabs = fit_vocabs(events.filter(pa.array(train_mask)), fields, vocab_cfg)
@@ -236,11 +260,15 @@ def prepare(
     return PreparedInfo(out, meta)
 
 
-def check_split_counts(counts: np.ndarray) -> None:
+def check_split_counts(counts: np.ndarray, cfg: SplitConfig) -> None:
+    """Training rows always; test rows whenever a test split was asked for (a column split is the log's own)."""
     if counts[0] == 0:
-        raise DataError("the split left no training rows; lower split.valid_fraction/test_fraction")
-    if counts[2] == 0:
+        raise DataError("the split left no training rows; lower split.valid_fraction/test_fraction"
+                        if cfg.method != "column" else "the split column marks no row as train")
+    if counts[2] == 0 and cfg.method != "column" and cfg.test_fraction > 0:
         raise DataError("the split left no test rows; raise split.test_fraction or use more data")
+    if counts[1] == 0 and cfg.method != "column" and cfg.valid_fraction > 0:
+        raise DataError("the split left no validation rows; raise split.valid_fraction or use more data")
 
 
 def _by_buckets(rows: dict[str, np.ndarray], plan: NegativePlan | None, options: PrepareOptions,

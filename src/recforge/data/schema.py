@@ -19,6 +19,10 @@ PROVENANCE_COLUMNS: tuple[str, str] = ("_file", "_row")
 MALFORMED_COLUMN = "_malformed"
 
 
+# The values a schema.split column may hold (after trimming and lower-casing), in split-code order.
+SPLIT_NAMES: tuple[str, str, str] = ("train", "valid", "test")
+
+
 class DataError(ValueError):
     """Bad input data (missing file, wrong columns, unreadable rows); the message is one line."""
 
@@ -35,6 +39,8 @@ def column_roles(schema: SchemaConfig) -> dict[str, str]:
     for role in ("context", "item_features", "numeric"):
         for name in getattr(schema, role):
             roles[name] = role
+    if schema.split:
+        roles[schema.split] = "split"
     return roles
 
 

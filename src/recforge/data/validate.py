@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recforge.config import SchemaConfig
-from recforge.data.schema import MALFORMED_COLUMN, DataError, check_columns, required_columns
+from recforge.data.schema import MALFORMED_COLUMN, SPLIT_NAMES, DataError, check_columns, required_columns
 from recforge.storage import atomic_open, write_json
 
 # Order matters: a row is quarantined for the first reason that applies.
@@ -36,6 +36,7 @@ REASONS: tuple[str, ...] = (
     "bad_label",
     "label_out_of_range",
     "bad_numeric",
+    "bad_split",
     "duplicate_event",
 )
 REPORT_VERSION = 1
@@ -159,6 +160,11 @@ def check_rows(table: pa.Table, schema: SchemaConfig) -> RowChecks:
         values = _to_float(_column(table, name), name)
         clean[name] = values
         reject("bad_numeric", _is_null(values) | ~_fill(pc.is_finite(values)))
+
+    if schema.split:
+        names = pc.utf8_lower(_to_text(_column(table, schema.split), schema.split))
+        clean[schema.split] = names
+        reject("bad_split", ~_fill(pc.is_in(names, value_set=pa.array(SPLIT_NAMES))))
     return RowChecks(table, clean, reason, unit)
 
 
@@ -177,7 +183,8 @@ def unit_counts(counts: np.ndarray, column: str) -> dict[str, int]:
 def validate(table: pa.Table, schema: SchemaConfig) -> ValidationResult:
     """Split `table` (as returned by `read_events`) into clean rows and quarantined rows.
 
-    Clean types: user, item, context and item-feature columns -> string; time -> int64 unix seconds;
+    Clean types: user, item, context and item-feature columns -> string (the split column: train,
+    valid or test, lower-cased); time -> int64 unix seconds;
     label -> float64; numeric -> float64. A table without `_file`/`_row` (built in memory) gets
     `_file = "<table>"` and row numbers 1..n so quarantined rows stay traceable. Rows a reader
     could not parse (flagged in `_malformed`) are quarantined as malformed_row.

@@ -10,7 +10,14 @@ from recforge.config import Config
 from recforge.data.batches import SplitData
 from recforge.evaluate import evaluate
 from recforge.models.popularity import popularity_baseline
-from recforge.recipes.runs import Log, feature_layout, load_run_config, load_trained_model, warn_environment_drift
+from recforge.recipes.runs import (
+    Log,
+    empty_split_message,
+    feature_layout,
+    load_run_config,
+    load_trained_model,
+    warn_environment_drift,
+)
 from recforge.storage import write_json
 
 
@@ -29,7 +36,7 @@ def evaluate_run(
     warn_environment_drift(run_dir, log)
     data = SplitData.load(prepared, split)
     if len(data) == 0:
-        raise ValueError(f"split '{split}' of {prepared} is empty")
+        raise ValueError(empty_split_message(prepared, split))
     if without_history and data.history_offsets is not None:
         data = dataclasses.replace(data, history_values=torch.zeros(0, dtype=torch.long),
                                    history_offsets=torch.zeros(len(data) + 1, dtype=torch.long))

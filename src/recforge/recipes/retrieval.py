@@ -24,7 +24,7 @@ from recforge.evaluate import full_catalog_metrics, retrieval_task
 from recforge.features import FeatureLayout
 from recforge.index import ItemIndex
 from recforge.models import model_entry
-from recforge.recipes.runs import feature_layout, item_catalog, load_run_config, load_trained_model
+from recforge.recipes.runs import empty_split_message, feature_layout, item_catalog, load_run_config, load_trained_model
 from recforge.recommend import Requests, recommend
 from recforge.storage import write_json
 
@@ -63,7 +63,8 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     num_items = features.cardinalities[item_column]
     train = SplitData.load(prepared, "train")
     data = SplitData.load(prepared, split)
-
+    if len(data) == 0:
+        raise ValueError(empty_split_message(prepared, split))
     times = split_column(prepared, split, "timestamp")
     task = retrieval_task(train, data, times, item_column)
     users, queries, truth, exclude = task.users, task.queries, task.truth, task.exclude

@@ -28,6 +28,15 @@ def feature_layout(prepared_dir: Path) -> FeatureLayout:
     return FeatureLayout.load(prepared_dir)
 
 
+def empty_split_message(prepared: Path, split: str) -> str:
+    """Why a split has no rows, as the prepared data's own split settings say, and what to do."""
+    meta = read_json(prepared / "meta.json").get("split", {})
+    how = f"data.split.method={meta.get('method')}, valid_fraction={meta.get('valid_fraction')}, " \
+          f"test_fraction={meta.get('test_fraction')}"
+    return (f"split '{split}' of {prepared} has no rows (prepared with {how}); score another split "
+            "(--split valid) or prepare again with a held-out share for it")
+
+
 def item_catalog(prepared: Path, features: FeatureLayout) -> torch.Tensor:
     """[items, 1 + item features]: each item index's item-side columns (item id, then its features)."""
     item_features = np.load(prepared / "items" / "features.npy")

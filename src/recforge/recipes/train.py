@@ -20,7 +20,7 @@ from recforge.data.batches import SplitData
 from recforge.data.stream import ShardStream
 from recforge.features import FEATURES_FILE, FeatureLayout
 from recforge.models import build_model, model_entry
-from recforge.recipes.kinds import kind_recipe, validator_for
+from recforge.recipes.kinds import Validator, kind_recipe, validator_for
 from recforge.recipes.retrieval import build_item_index
 from recforge.recipes.runs import Log, feature_layout
 from recforge.runtime import choose_device, cleanup_distributed, env_fingerprint, init_distributed, seed_everything
@@ -90,7 +90,7 @@ def _train_model(cfg: Config, *, resume: bool = False, resume_from: str | None =
         if init_weights is not None and not resume:
             log(f"initial weights: {init_weights(model, features)}")
         recipe = kind_recipe(cfg.model.name)
-        validate_fn = validator_for(prepared, features, cfg) if prepared_meta["split"]["valid"]["rows"] else None
+        validate_fn = _validator(prepared, features, cfg, prepared_meta)
         if dist_ctx.is_main:
             _write_run_files(cfg, run_dir, features)
         digest_extra = {"model": cfg.model.model_dump(), "seed": cfg.seed, "features": features.identity(),
@@ -120,6 +120,24 @@ def _streamed(data: TrainData) -> str:
     if not isinstance(data, ShardStream):
         return ""
     return f", streamed from {len(data.shards)} shard(s) through a {data.shuffle_buffer:,}-row buffer per process"
+
+
+def _validator(prepared: Path, features: FeatureLayout, cfg: Config, prepared_meta: dict[str, Any]
+               ) -> Validator | None:
+    """The valid split's validator; none without a valid split, which early stopping cannot do without."""
+    if prepared_meta["split"]["valid"]["rows"]:
+        return validator_for(prepared, features, cfg)
+    if cfg.train.early_stopping:
+        raise ValueError(f"{prepared} has no validation split (data.split: {_split_text(prepared_meta)}), and "
+                         "train.early_stopping needs one: prepare with data.split.valid_fraction > 0 (or valid "
+                         "rows in the split column), or set train.early_stopping=false to train every epoch "
+                         "and keep the last")
+    return None
+
+
+def _split_text(prepared_meta: dict[str, Any]) -> str:
+    split = prepared_meta["split"]
+    return f"method={split['method']}, valid_fraction={split['valid_fraction']}"
 
 
 def _write_run_files(cfg: Config, run_dir: Path, features: FeatureLayout) -> None:

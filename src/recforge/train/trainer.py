@@ -501,7 +501,7 @@ def _end_epoch(run: _Run, validate: Validator | None, tally: _EpochTally, elapse
     run.log(_epoch_line(record))
     state.epoch += 1
     state.samples_in_epoch = state.steps_in_epoch = 0
-    if state.bad_epochs >= cfg.patience:
+    if cfg.early_stopping and state.bad_epochs >= cfg.patience:
         run.log(f"early stopping: valid {cfg.early_stopping_metric} has not improved for "
                 f"{state.bad_epochs} epoch(s); best epoch {state.best_epoch}")
         state.epoch = cfg.epochs
@@ -512,12 +512,16 @@ def _end_epoch(run: _Run, validate: Validator | None, tally: _EpochTally, elapse
 
 def _validate_and_keep_best(run: _Run, validate: Validator | None, record: dict[str, Any]) -> None:
     """Validate on rank 0 (its metrics go into `record`), update the early-stopping state and write
-    model.pt when this epoch is the best so far; without a validator the latest epoch is the best.
+    model.pt when this epoch is the best so far; without a validator, or with train.early_stopping off,
+    the latest epoch is the one kept (validated still, for the record, where a validator is given).
 
     Rank 0's value is broadcast so that every rank takes the same early-stopping decision.
     """
     state, cfg, epoch = run.state, run.cfg, run.state.epoch
-    if validate is None:
+    if validate is None or not cfg.early_stopping:  # the latest epoch is the one kept
+        if validate is not None and run.main:
+            run.model.eval()
+            record.update({f"valid_{k}": v for k, v in validate(run.model).items()})
         state.best_epoch = epoch
         if run.main:
             save_weights(run.options.run_dir / "model.pt", run.model)

@@ -1,7 +1,8 @@
 """Stage 2 on Spark: dense keys, the split, vocabularies fit on train, numeric scaling, encoded rows.
 
 Every rule is the local engine's: keys number users and items by first appearance (data.prepare's
-_dense_key), the time split cuts at the exact ranks of prepare.cut_ranks, vocabularies come from
+_dense_key), the time split cuts at the exact ranks of prepare.cut_ranks (per-user splits count with
+prepare.per_user_counts' arithmetic), vocabularies come from
 Vocab.from_counts (the same keep and order rule as Vocab.fit) and rows are encoded by Vocab.encode
 inside the tasks, with the vocabularies broadcast.
 """
@@ -16,6 +17,7 @@ import pyarrow as pa
 
 from recforge.config import SchemaConfig, SplitConfig, VocabConfig
 from recforge.data.prepare import cut_ranks, make_labels
+from recforge.data.schema import SPLIT_NAMES
 from recforge.data.spark.keys import dense_index, kth_smallest
 from recforge.data.vocab import Vocab, check_hash_fields
 
@@ -39,25 +41,35 @@ def with_keys(clean: Any, schema: SchemaConfig, partitions: int) -> tuple[Any, i
     return clean, counts[0], counts[1]
 
 
-def with_split(keyed: Any, cfg: SplitConfig) -> Any:
+def with_split(keyed: Any, cfg: SplitConfig, split_column: str | None) -> Any:
     """0 = train, 1 = valid, 2 = test, by prepare.assign_splits' rules."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    if cfg.method == "column":  # validated: every kept row holds one of SPLIT_NAMES
+        code = F.when(F.col(split_column) == SPLIT_NAMES[0], 0).when(F.col(split_column) == SPLIT_NAMES[1], 1)
+        return keyed.withColumn("_split", code.otherwise(2).cast("byte"))
     if cfg.method == "time":
         test_rank, valid_rank = cut_ranks(keyed.count(), cfg)
-        cuts = kth_smallest(keyed, "_time", [test_rank] + ([valid_rank] if valid_rank is not None else []))
-        split = F.when(F.col("_time") >= cuts[0], 2)
+        ranks = [rank for rank in (test_rank, valid_rank) if rank is not None]
+        cuts = dict(zip(ranks, kth_smallest(keyed, "_time", ranks), strict=True)) if ranks else {}
+        split = F.lit(0)
         if valid_rank is not None:
-            split = split.when(F.col("_time") >= cuts[1], 1)
-        return keyed.withColumn("_split", split.otherwise(0).cast("byte"))
-    latest = Window.partitionBy("_user_key").orderBy(F.desc("_time"), F.desc("_order"))
+            split = F.when(F.col("_time") >= cuts[valid_rank], 1).otherwise(split)
+        if test_rank is not None:
+            split = F.when(F.col("_time") >= cuts[test_rank], 2).otherwise(split)
+        return keyed.withColumn("_split", split.cast("byte"))
     size = F.count(F.lit(1)).over(Window.partitionBy("_user_key"))
-    rank = F.row_number().over(latest)
-    split = F.when((size >= 3) & (rank == 1), 2)
-    if cfg.valid_fraction > 0:
-        split = split.when((size >= 3) & (rank == 2), 1)
-    return keyed.withColumn("_split", split.otherwise(0).cast("byte"))
+    from_end = F.row_number().over(Window.partitionBy("_user_key").orderBy(F.desc("_time"), F.desc("_order"))) - 1
+    if cfg.method == "leave_last_out":
+        eligible = F.when(size >= 3, 1).otherwise(0)
+        test, valid = eligible * int(cfg.test_fraction > 0), eligible * int(cfg.valid_fraction > 0)
+    else:  # per_user_fraction: prepare.per_user_counts in the same float64 arithmetic
+        test = F.floor(size.cast("double") * F.lit(cfg.test_fraction) + F.lit(1e-9)).cast("long")
+        valid = F.least(F.floor(size.cast("double") * F.lit(cfg.valid_fraction) + F.lit(1e-9)).cast("long"),
+                        size - 1 - test)
+    split = F.when(from_end < test, 2).when(from_end < test + valid, 1).otherwise(0)
+    return keyed.withColumn("_split", split.cast("byte"))
 
 
 def fit_vocabs(train: Any, fields: list[str], cfg: VocabConfig) -> dict[str, Vocab]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recforge.config import NegativesConfig, SchemaConfig, SparkConfig, SplitConfig, VocabConfig
 from recforge.data.buckets import bucket_count
 from recforge.data.prepare import (
@@ -135,9 +137,9 @@ def _prepared(stages: _Staging, job: SparkJob, clean: Any, validation: SparkVali
 
     schema, partitions = job.schema, int(stages.spark.conf.get("spark.sql.shuffle.partitions"))
     keyed, users, items = with_keys(clean, schema, partitions)
-    keyed = stages.keep(with_split(keyed, job.split), "keyed")
+    keyed = stages.keep(with_split(keyed, job.split, job.schema.split), "keyed")
     split_rows = {row["_split"]: row["count"] for row in keyed.groupBy("_split").count().collect()}
-    check_split_counts([split_rows.get(code, 0) for code in range(3)])
+    check_split_counts(np.array([split_rows.get(code, 0) for code in range(3)]), job.split)
     train = keyed.filter(F.col("_split") == 0)
     fields = schema.categorical
     vocabs = fit_vocabs(train, fields, job.vocab)
