@@ -12,6 +12,10 @@ FIND_LINKS=${PIP_FIND_LINKS:-/opt/wheels}
 ARGS=(-q --strip-extras --no-header --no-annotate --allow-unsafe --no-emit-index-url --no-emit-find-links
       --find-links "$FIND_LINKS")
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+# pip-compile keeps the pins already in its output file where they still satisfy the *.in files, so
+# adding a requirement adds its own pins and moves nothing else (delete lock.txt to take upgrades).
+[ -f lock.txt ] && grep -E '^[A-Za-z0-9]' lock.txt > "$tmp/lock.txt"
+[ -f lock.txt ] && cat "$tmp/lock.txt" > "$tmp/dev-full.txt" && grep -E '^[A-Za-z0-9]' dev-lock.txt >> "$tmp/dev-full.txt"
 
 "$COMPILE" "${ARGS[@]}" runtime.in -o "$tmp/lock.txt"
 {

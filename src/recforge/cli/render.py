@@ -214,3 +214,31 @@ def _ab_lifts_table(result: dict, ci_name: str) -> Table:
                       f"{c['p_value']:.3g}\n{c['p_holm']:.3g}", "[bold green]yes" if c["significant"] else "no",
                       "-" if mde["rel"] is None else f"{100 * mde['rel']:.2f}%")
     return lifts
+
+
+def print_study(result: Any) -> None:  # noqa: ANN401 - recipes.tune.StudyResult
+    """Every trial with its values and validation metric, then the best and what it gained on the config."""
+    names = sorted({key for row in result.trials for key in row.params})
+    table = Table(title=f"recforge tune: valid {result.metric} ({result.direction})")
+    for column in ("trial", "state", f"valid {result.metric}", "epochs", *names):
+        table.add_column(column, justify="right" if column not in ("state",) else "left")
+    for row in result.trials:
+        marks = " *" if result.best is not None and row.number == result.best.number else ""
+        marks += " (config)" if result.baseline is not None and row.number == result.baseline.number else ""
+        table.add_row(f"{row.number}{marks}", row.state, fmt_metric(row.value), str(row.epochs),
+                      *[_param_text(row.params.get(name)) for name in names])
+    out.print(table)
+    if result.best is None:
+        log("no trial completed")
+        return
+    line = f"best: trial {result.best.number}, valid {result.metric} {result.best.value:.4f}"
+    if result.baseline is not None and result.baseline.value is not None:
+        line += f" (the config as given: {result.baseline.value:.4f}, {result.best.value - result.baseline.value:+.4f})"
+    log(line)
+    log(f"best config: {result.best_config} (train it, then evaluate once on test)")
+
+
+def _param_text(value: Any) -> str:  # noqa: ANN401
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -31,6 +31,7 @@ from recforge.train.plan import MemoryPlan, detect_device_memory, plan_memory
 from recforge.train.trainer import TrainData, TrainOptions, TrainResult, train
 
 InitWeights = Callable[[torch.nn.Module, FeatureLayout], dict[str, Any]]
+EpochHook = Callable[[dict[str, Any]], None]
 
 
 def restore_run(cfg: Config, uri: str, log: Log = print) -> Config:
@@ -47,16 +48,22 @@ def restore_run(cfg: Config, uri: str, log: Log = print) -> Config:
 
 
 def train_model(cfg: Config, *, resume: bool = False, resume_from: str | None = None,
-                init_weights: InitWeights | None = None, log: Log = print) -> TrainResult:
-    """Train into the run directory, holding its lock (rank 0 of a torchrun job, or a single process)."""
+                init_weights: InitWeights | None = None, log: Log = print, on_epoch: EpochHook | None = None
+                ) -> TrainResult:
+    """Train into the run directory, holding its lock (rank 0 of a torchrun job, or a single process).
+
+    `on_epoch` sees each finished epoch's record (see TrainOptions.on_epoch); `recforge tune` prunes there.
+    """
     # The other ranks of a torchrun job share rank 0's run directory (and its lock).
     lock = lock_run_dir(cfg.resolved_run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     with lock:
-        return _train_model(cfg, resume=resume, resume_from=resume_from, init_weights=init_weights, log=log)
+        return _train_model(cfg, resume=resume, resume_from=resume_from, init_weights=init_weights, log=log,
+                            on_epoch=on_epoch)
 
 
 def _train_model(cfg: Config, *, resume: bool = False, resume_from: str | None = None,
-                 init_weights: InitWeights | None = None, log: Log = print) -> TrainResult:
+                 init_weights: InitWeights | None = None, log: Log = print, on_epoch: EpochHook | None = None
+                 ) -> TrainResult:
     """Build the configured model on the prepared data and train it into the run directory.
 
     Run under torchrun (WORLD_SIZE > 1 in the environment) it trains as one rank of a DDP job.
@@ -99,7 +106,7 @@ def _train_model(cfg: Config, *, resume: bool = False, resume_from: str | None =
         log(f"training {cfg.model.name} on {len(train_data):,} rows{_streamed(train_data)} -> {run_dir}")
         result = train(model, train_data, validate_fn, cfg.train, TrainOptions(
             run_dir, seed=cfg.seed, digest_extra=digest_extra, resume=resume, dist_ctx=dist_ctx, objective=objective,
-            log=log))
+            log=log, on_epoch=on_epoch))
         if dist_ctx.is_main and recipe.item_index and (run_dir / "model.pt").is_file():
             _index_best_weights(model, prepared, features, run_dir, log)
         if dist_ctx.is_main:

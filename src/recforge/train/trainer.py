@@ -206,6 +206,9 @@ class TrainOptions:
     # Wraps the model and returns a batch's loss (train/objectives.py); None: pointwise BCE on the label.
     objective: torch.nn.Module | None = None
     log: Callable[[str], None] = print
+    # Called on rank 0 with each epoch's record (train loss, valid metrics) once the epoch is
+    # checkpointed: a hyper-parameter search reads the curve here and prunes a trial by raising.
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))  # a str from a caller works too
@@ -508,6 +511,8 @@ def _end_epoch(run: _Run, validate: Validator | None, tally: _EpochTally, elapse
     if state.epoch >= cfg.epochs:
         state.finished = True
     _checkpoint(run)
+    if run.main and run.options.on_epoch is not None:
+        run.options.on_epoch(record)
 
 
 def _validate_and_keep_best(run: _Run, validate: Validator | None, record: dict[str, Any]) -> None:
