@@ -54,11 +54,11 @@ def main() -> None:
     if study.best is None or study.baseline is None:
         raise SystemExit("the search left no complete best or baseline trial")
     rows = {}
-    for name, values in (("config", study.baseline.params), ("tuned", study.best.params)):
+    for name, values in (("as_given", study.baseline.params), ("tuned", study.best.params)):
         run_cfg = with_values(cfg, values, run_dir=out / name)
         train_model(run_cfg, log=lambda line: None)
         test = evaluate_run(run_cfg, "test", log=lambda line: None)
-        rows[name] = {"valid_" + study.metric: (study.baseline if name == "config" else study.best).value,
+        rows[name] = {"valid_" + study.metric: (study.baseline if name == "as_given" else study.best).value,
                       "test": test["model"], "params": values}
     print(json.dumps({"cpu": _cpu(), "config": args.config, "space": args.space, "trials": len(study.trials),
                       "states": dict(Counter(t.state for t in study.trials)), "search_seconds": round(searched, 1),

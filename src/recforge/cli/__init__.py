@@ -6,7 +6,7 @@ RECFORGE_DEBUG=1). Every command that produces a result takes `--json`: stdout i
 JSON value and human text goes to stderr (`serve` produces no result and has none).
 
 This module assembles the app; the commands live in one module per group (data, train, evaluate,
-registry, experiments, pipeline, serve, simulate, tune), the formatting in `render`, and the error
+registry, experiments, pipeline, serve, simulate, tune, predict), the formatting in `render`, and the error
 boundary and shared options in `common`. Heavy imports (torch, recipes) stay inside the command
 functions so `recforge --help` is fast.
 """
@@ -24,6 +24,7 @@ from recforge.cli import (
     experiments,
     features,
     pipeline,
+    predict,
     registry,
     serve,
     simulate,
@@ -49,6 +50,7 @@ app.command("recommend")(evaluate.recommend_cmd)
 app.command("quickstart")(train.quickstart)
 app.command("plan")(train.plan_cmd)
 app.command("tune")(tune.tune_cmd)
+app.add_typer(predict.app, name="predict")
 app.command("export")(evaluate.export_cmd)
 app.add_typer(registry.app, name="registry")
 app.add_typer(experiments.app, name="ab")

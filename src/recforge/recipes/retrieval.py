@@ -156,13 +156,48 @@ def recommend_users(
     index = ItemIndex.load(index_dir) if (index_dir / "index.json").is_file() else build_item_index(
         tower, prepared, features, index_dir)
     vocabs = load_vocabs(prepared / "vocab")
-    schema = retrieval_cfg.data.schema_
+    users_in = user_requests(prepared, features, vocabs, retrieval_cfg.data.schema_, users, context, exclude_seen)
+
+    def user_encoder(cat, num, hv, ho):  # noqa: ANN001, ANN202
+        return tower.user_vector(cat, num, hv, ho)
+
+    item_columns = features.item_columns
+    catalog = item_catalog(prepared, features)
+    result = recommend(users_in.requests, user_encoder, index, ranker, item_columns, catalog[1:], k=k,
+                       num_candidates=min(num_candidates, index.count), exclude=users_in.exclude)
+    item_vocab = vocabs[retrieval_cfg.data.schema_.item]
+    out = []
+    for row, user in enumerate(users):
+        ids = result.items[row]
+        keep = ids >= 0
+        item_index = (ids[keep] + 1).numpy()
+        names = item_vocab.decode(item_index)
+        out.append(Recommendation(user=user, known_user=bool(users_in.known[row]), items=[
+            {"item": name, "ranking_score": float(rs), "retrieval_score": float(ret)}
+            for name, rs, ret in zip(names, result.ranking_scores[row][keep].tolist(),
+                                     result.retrieval_scores[row][keep].tolist(), strict=True)
+        ]))
+    return out
+
+
+@dataclass(frozen=True)
+class UserRequests:
+    """Raw user ids as model requests: ranking-layout rows, and each user's seen items (index - 1)."""
+
+    requests: Requests
+    known: np.ndarray  # bool per user: in the training vocabulary
+    exclude: tuple[np.ndarray, np.ndarray] | None  # CSR (indptr, item positions), or None
+
+
+def user_requests(prepared: Path, features: FeatureLayout, vocabs: dict[str, Any], schema: Any, users: list[str],
+                  context: dict[str, str] | None, exclude_seen: bool) -> UserRequests:
+    """Each user's row (their id, the given context, numeric features at their training mean, their latest
+    clicks as history) and, with `exclude_seen`, the items they clicked anywhere in the prepared data."""
     user_col, item_column = features.column("user"), features.item_column
     context = dict(context or {})
     unknown = sorted(set(context) - set(schema.context))
     if unknown:
         raise ValueError(f"unknown context field(s) {unknown}; this model's context fields: {schema.context}")
-
     encoded_users = vocabs[schema.user].encode(pa.array(users, pa.string()))
     categorical = torch.zeros((len(users), len(features.categorical)), dtype=torch.long)
     categorical[:, user_col] = torch.from_numpy(encoded_users)
@@ -170,45 +205,22 @@ def recommend_users(
         column = features.categorical.index(field)
         categorical[:, column] = int(vocabs[field].encode(pa.array([value], pa.string()))[0])
     numeric = torch.zeros((len(users), len(features.numeric)))  # standardized features at their mean
-
     clicked = _clicks_by_user(prepared, user_col, item_column, encoded_users)
     history_length = features.history_length
-    histories = [items[-history_length:] if history_length else np.zeros(0, np.int64) for items in clicked]
     values, offsets = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     if history_length:
+        histories = [items[-history_length:] for items in clicked]
         lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)
         offsets = torch.zeros(len(users) + 1, dtype=torch.long)
         torch.cumsum(lengths, 0, out=offsets[1:])
         values = torch.from_numpy(np.concatenate(histories).astype(np.int64))
-    requests = Requests(categorical, numeric, values, offsets)
-
     exclude = None
     if exclude_seen:
         seen = [np.unique(c) - 1 for c in clicked]  # index positions are item id - 1 (row 0 is left out)
         indptr = np.zeros(len(users) + 1, dtype=np.int64)
         np.cumsum([len(s) for s in seen], out=indptr[1:])
         exclude = (indptr, np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, np.int64))
-
-    def user_encoder(cat, num, hv, ho):  # noqa: ANN001, ANN202
-        return tower.user_vector(cat, num, hv, ho)
-
-    item_columns = features.item_columns
-    catalog = item_catalog(prepared, features)
-    result = recommend(requests, user_encoder, index, ranker, item_columns, catalog[1:], k=k,
-                       num_candidates=min(num_candidates, index.count), exclude=exclude)
-    item_vocab = vocabs[schema.item]
-    out = []
-    for row, user in enumerate(users):
-        ids = result.items[row]
-        keep = ids >= 0
-        item_index = (ids[keep] + 1).numpy()
-        names = item_vocab.decode(item_index)
-        out.append(Recommendation(user=user, known_user=bool(encoded_users[row] > 0), items=[
-            {"item": name, "ranking_score": float(rs), "retrieval_score": float(ret)}
-            for name, rs, ret in zip(names, result.ranking_scores[row][keep].tolist(),
-                                     result.retrieval_scores[row][keep].tolist(), strict=True)
-        ]))
-    return out
+    return UserRequests(Requests(categorical, numeric, values, offsets), encoded_users > 0, exclude)
 
 
 def _clicks_by_user(prepared: Path, user_col: int, item_column: int, encoded_users: np.ndarray) -> list[np.ndarray]:
