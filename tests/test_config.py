@@ -56,6 +56,10 @@ def test_bad_files_and_cross_field_rules(tmp_path):
     with pytest.raises(config.ConfigError, match="more than one role"):
         config.load(None, ["data.schema.split=device", "data.split.method=column"])
     assert config.load(None, ["data.split.test_fraction=0"]).data.split.test_fraction == 0
+    assert config.load(None, ["train.early_stopping_metric=ndcg@50"]).train.early_stopping_metric == "ndcg@50"
+    for metric in ("ndcg@0", "map@10", "recall@", "auc@5"):
+        with pytest.raises(config.ConfigError, match="early_stopping_metric"):
+            config.load(None, [f"train.early_stopping_metric={metric}"])
 
 
 def test_config_is_frozen():

@@ -167,3 +167,26 @@ def test_metrics_match_a_per_user_loop(seed):
         assert mrr_at_k(top, truth, k) == pytest.approx(slow["mrr"], rel=1e-12)
     # The top-k itself against a full sort per user (continuous scores: no ties).
     assert np.array_equal(top, np.argsort(-scores, axis=1, kind="stable")[:, :20])
+
+
+def test_a_retrieval_task_of_warm_users_leaves_out_users_without_a_training_positive():
+    import torch
+
+    from recforge.data.batches import SplitData
+    from recforge.evaluate import retrieval_task
+
+    def split(name, users, items, labels):
+        return SplitData(name, torch.tensor([[u, i] for u, i in zip(users, items, strict=True)]),
+                         torch.zeros((len(users), 0)), torch.tensor(labels, dtype=torch.float32),
+                         np.array(users, dtype=np.int64))
+
+    train = split("train", [1, 1, 2, 3], [5, 6, 5, 7], [1, 0, 0, 1])  # user 2 has no training positive
+    test = split("test", [1, 2, 3, 4, 4], [7, 6, 5, 5, 6], [1, 1, 1, 1, 0])  # user 4 is new
+    times = np.arange(5)
+    everyone = retrieval_task(train, test, times, 1)
+    warm = retrieval_task(train, test, times, 1, "warm")
+    assert everyone.users.tolist() == [1, 2, 3, 4] and warm.users.tolist() == [1, 3]
+    assert warm.truth[1].tolist() == [7, 5]  # each warm user's own test positives
+    assert warm.exclude[1].tolist() == [5, 7]
+    with pytest.raises(ValueError, match="'all' or 'warm'"):
+        retrieval_task(train, test, times, 1, "cold")

@@ -231,8 +231,12 @@ class TrainConfig(Strict):
     # weights. Needs a validation split (an error without one); false: train every epoch, keep the last.
     early_stopping: bool = True
     patience: int = Field(2, ge=1)
-    # recall@20: full-catalog Recall@20 on the validation split (retrieval models).
-    early_stopping_metric: Literal["auc", "gauc", "logloss", "recall@20"] = "auc"
+    # auc, gauc, logloss: on the validation rows (any model). recall@K, ndcg@K (K from 1 to 9999):
+    # full-catalog retrieval metrics on the validation split's users (retrieval models).
+    early_stopping_metric: str = Field("auc", pattern=r"^(auc|gauc|logloss|(recall|ndcg)@[1-9][0-9]{0,3})$")
+    # Whose lists retrieval validation and `recforge evaluate` rank: all users with a positive in the
+    # split, or only warm ones (with a positive in training; a cold user's tower sees no id it learnt).
+    retrieval_users: Literal["all", "warm"] = "all"
     checkpoint_every: int = Field(200, ge=0)  # steps; 0 = only at epoch end
     log_every: int = Field(50, ge=1)
     eval_batch_size: int = Field(65536, ge=1)

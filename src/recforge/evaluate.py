@@ -132,12 +132,22 @@ class RetrievalTask:
     exclude: Csr  # per user: items they clicked in training (never recommended back)
 
 
-def retrieval_task(train: SplitData, data: SplitData, times: np.ndarray, item_column: int) -> RetrievalTask:
-    """The users of `data` with at least one positive, queried at their first positive's moment."""
+def retrieval_task(train: SplitData, data: SplitData, times: np.ndarray, item_column: int,
+                   users_from: str = "all") -> RetrievalTask:
+    """The users of `data` with at least one positive, queried at their first positive's moment.
+
+    users_from="warm" keeps only users with a positive in `train` (user_key is the log-wide key, so
+    a user the vocabulary calls unknown is still told apart from another).
+    """
+    if users_from not in ("all", "warm"):
+        raise ValueError(f"retrieval users must be 'all' or 'warm', got {users_from!r}")
     positive = (data.label > 0).numpy()
     positive_rows = np.flatnonzero(positive)
+    if users_from == "warm":
+        warm = np.unique(train.user_key[(train.label > 0).numpy()])
+        positive_rows = positive_rows[np.isin(data.user_key[positive_rows], warm)]
     if len(positive_rows) == 0:
-        raise ValueError(f"split '{data.name}' has no positive rows to evaluate retrieval on")
+        raise ValueError(f"split '{data.name}' has no positive rows ({users_from} users) to evaluate retrieval on")
     by_user_time = positive_rows[np.lexsort((times[positive_rows], data.user_key[positive_rows]))]
     users, first = np.unique(data.user_key[by_user_time], return_index=True)
     queries = data.select(torch.from_numpy(by_user_time[first]))

@@ -49,6 +49,12 @@ def test_two_tower_retrieval_and_two_stage_recommend(world):
     for metrics in results.values():
         assert 0.0 <= metrics["recall@10"] <= metrics["recall@20"] <= 1.0
         assert metrics["users"] > 50
+    warm = json.loads(run("evaluate", "--json", "--users", "warm", *tower, cwd=world).stdout)
+    assert 0 < warm["two_tower"]["users"] < results["two_tower"]["users"]  # the world has cold test users
+    # early stopping on any cut-off of either retrieval metric, over warm users only
+    ndcg = run("train", *tower, "train.early_stopping_metric=ndcg@10", "train.retrieval_users=warm", "train.epochs=1",
+               f"run_dir={world / 'two_tower_ndcg'}", cwd=world)
+    assert "valid_ndcg@10" in ndcg.stderr and "valid_recall@10" in ndcg.stderr
     # The ranker for stage two.
     run("train", f"workdir={world}", *WORLD, f"run_dir={world / 'dnn'}", cwd=world)
     vocab = json.loads((world / "prepared" / "vocab" / "user_id.json").read_text())

@@ -19,6 +19,9 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
     without_history: Annotated[bool, typer.Option(
         "--without-history", help="Empty every user history (ablation for sequence models).")] = False,
+    users: Annotated[str | None, typer.Option(
+        "--users", help="Retrieval models: rank for all users of the split, or only warm ones (a positive in "
+        "training); default: the run's train.retrieval_users.")] = None,
 ) -> None:
     """Score the trained model and the popularity baseline on the same held-out split."""
     from recforge.models import model_entry
@@ -30,11 +33,12 @@ def evaluate_cmd(
     if model_entry(run_cfg.model.name).kind == "retrieval":
         from recforge.recipes.retrieval import evaluate_retrieval
 
-        results = guarded(evaluate_retrieval, cfg, split)
+        results = guarded(evaluate_retrieval, cfg, split, users_from=users)
         if as_json:
             print(json.dumps(results))
         else:
-            out.print(retrieval_table(results, f"{split} split: full-catalog retrieval"))
+            out.print(retrieval_table(results, f"{split} split: full-catalog retrieval, "
+                                               f"{users or run_cfg.train.retrieval_users} users"))
         return
     results = guarded(evaluate_run, cfg, split, without_history, log)
     if as_json:

@@ -40,7 +40,7 @@ class KindRecipe:
 
     objective: Objective
     validator: Callable[[Path, FeatureLayout, Config], Validator]
-    validation_metrics: tuple[str, ...]  # what `validator` reports (train.early_stopping_metric picks one)
+    reports: Callable[[str], bool]  # whether `validator` reports a metric (train.early_stopping_metric)
     item_index: bool  # trained runs build an item index, and their bundles carry it
 
 
@@ -90,11 +90,20 @@ def ranking_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> V
     return run
 
 
+def retrieval_cutoff(metric: str) -> int | None:
+    """K of a recall@K / ndcg@K metric name; None for any other metric."""
+    name, _, k = metric.partition("@")
+    return int(k) if name in ("recall", "ndcg") and k.isdigit() else None
+
+
 def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:
-    """Full-catalog Recall/NDCG@20 on the valid split (a two-tower model's own goal), loaded on first use."""
+    """Full-catalog Recall/NDCG@K on the valid split's train.retrieval_users (a two-tower model's own goal),
+    K from train.early_stopping_metric (20 when it is a ranking metric), loaded on first use."""
     # Refused when the validator is made, before training starts, not after the first epoch.
     if model_entry(cfg.model.name).kind != "retrieval":
-        raise ValueError("train.early_stopping_metric=recall@20 needs a retrieval model (two_tower)")
+        raise ValueError(f"train.early_stopping_metric={cfg.train.early_stopping_metric} needs a retrieval model "
+                         "(two_tower)")
+    k = retrieval_cutoff(cfg.train.early_stopping_metric) or 20
     item_column = features.item_column
     loaded: list[tuple[RetrievalTask, torch.Tensor]] = []
 
@@ -102,7 +111,8 @@ def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) ->
         if not loaded:
             valid = SplitData.load(prepared, "valid")
             times = split_column(prepared, "valid", "timestamp")
-            loaded.append((retrieval_task(_train_for_exclusion(prepared, cfg), valid, times, item_column),
+            loaded.append((retrieval_task(_train_for_exclusion(prepared, cfg), valid, times, item_column,
+                                          cfg.train.retrieval_users),
                            item_catalog(prepared, features)))
         task, catalog = loaded[0]
         device = next(model.parameters()).device
@@ -112,8 +122,8 @@ def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) ->
                                       batch.history_offsets).float().cpu().numpy()
             items = model.item_vector(catalog.to(device)).float().cpu().numpy()
         metrics = full_catalog_metrics(lambda a, b: users[a:b] @ items.T, len(task.users), task.truth,
-                                       task.exclude, len(items), ks=(20,))
-        return {"recall@20": metrics["recall@20"], "ndcg@20": metrics["ndcg@20"]}
+                                       task.exclude, len(items), ks=(k,))
+        return {f"recall@{k}": metrics[f"recall@{k}"], f"ndcg@{k}": metrics[f"ndcg@{k}"]}
 
     return run
 
@@ -135,8 +145,9 @@ def _train_for_exclusion(prepared: Path, cfg: Config) -> SplitData:
 
 
 KIND_RECIPES: dict[ModelKind, KindRecipe] = {
-    "ranking": KindRecipe(pointwise, ranking_validator, ("auc", "gauc", "logloss"), item_index=False),
-    "retrieval": KindRecipe(in_batch_retrieval, retrieval_validator, ("recall@20", "ndcg@20"), item_index=True),
+    "ranking": KindRecipe(pointwise, ranking_validator, lambda m: m in ("auc", "gauc", "logloss"), item_index=False),
+    "retrieval": KindRecipe(in_batch_retrieval, retrieval_validator, lambda m: retrieval_cutoff(m) is not None,
+                            item_index=True),
 }
 
 
@@ -149,5 +160,5 @@ def validator_for(prepared: Path, features: FeatureLayout, cfg: Config) -> Valid
     """The validation that reports train.early_stopping_metric: a ranking metric on any model, or the
     full-catalog retrieval metric (which only a retrieval model can report)."""
     metric = cfg.train.early_stopping_metric
-    recipe = next((r for r in KIND_RECIPES.values() if metric in r.validation_metrics), KIND_RECIPES["ranking"])
+    recipe = next((r for r in KIND_RECIPES.values() if r.reports(metric)), KIND_RECIPES["ranking"])
     return recipe.validator(prepared, features, cfg)

@@ -45,10 +45,12 @@ def is_retrieval(run_cfg: Config) -> bool:
     return model_entry(run_cfg.model.name).kind == "retrieval"
 
 
-def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (10, 20)) -> dict[str, dict[str, float]]:
+def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (10, 20),
+                       users_from: str | None = None) -> dict[str, dict[str, float]]:
     """Two-tower vs popularity vs item co-occurrence, ranking the FULL catalog for each user.
 
-    Users: those with at least one positive in `split`; their query is their first row of the
+    Users: those with at least one positive in `split` (`users_from` "warm": only those with one in
+    training too; None: the run's train.retrieval_users); their query is their first row of the
     split (its context, and its history: clicks before it). Truth: their positives in `split`.
     Excluded from every list: items the user clicked in training.
     """
@@ -66,7 +68,8 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     if len(data) == 0:
         raise ValueError(empty_split_message(prepared, split))
     times = split_column(prepared, split, "timestamp")
-    task = retrieval_task(train, data, times, item_column)
+    users_from = users_from or run_cfg.train.retrieval_users
+    task = retrieval_task(train, data, times, item_column, users_from)
     users, queries, truth, exclude = task.users, task.queries, task.truth, task.exclude
     train_pos = (train.label > 0).numpy()
     train_users = train.user_key[train_pos]
@@ -87,7 +90,9 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     }
     results = {name: full_catalog_metrics(fn, len(users), truth, exclude, num_items, ks)
                for name, fn in scorers.items()}
-    write_json(run_dir / f"evaluation_retrieval_{split}.json", {"split": split, **results})
+    suffix = "" if users_from == "all" else f"_{users_from}"
+    write_json(run_dir / f"evaluation_retrieval_{split}{suffix}.json",
+               {"split": split, "users_from": users_from, "users": int(len(users)), **results})
     return results
 
 

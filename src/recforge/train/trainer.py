@@ -564,9 +564,9 @@ def _wrap_ddp(model: torch.nn.Module, dist_ctx: DistContext, device: torch.devic
 
 def _epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch']}", f"train_loss {record['train_loss']:.4f}"]
-    for key in ("valid_auc", "valid_gauc", "valid_logloss", "valid_recall@20", "valid_ndcg@20"):
-        if key in record:
-            parts.append(f"{key} {record[key]:.4f}")
+    for key, value in record.items():
+        if key.startswith("valid_") and isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
     if record.get("samples_per_s"):
         parts.append(f"{record['samples_per_s']:,.0f} samples/s")
     if record.get("skipped_steps"):
