@@ -130,8 +130,14 @@ class NegativesConfig(Strict):
 
 
 class GenerateConfig(Strict):
-    """The synthetic world behind `recforge data generate` and the quickstart."""
+    """The synthetic world behind `recforge data generate` and the quickstart.
 
+    feed: impressions of a feed with clicks by static tastes (the embedded default, and what
+    `recforge simulate` plays). sequential: an implicit log of sessions with an intent and
+    item-to-item transitions (synthetic/sequences.py), for sequential models.
+    """
+
+    world: Literal["feed", "sequential"] = "feed"
     users: int = Field(20_000, ge=10)
     items: int = Field(5_000, ge=10)
     events: int = Field(1_000_000, ge=100)
@@ -210,6 +216,10 @@ class ModelConfig(Strict):
     cross_layers: int = Field(3, ge=1)
     cross_low_rank: int | None = Field(None, ge=1)
     structure: Literal["parallel", "stacked"] = "parallel"
+    # sasrec only: causal self-attention blocks over the item sequence, and heads per block (they
+    # split embedding_dim, which must be a multiple of them).
+    attention_blocks: int = Field(2, ge=1)
+    attention_heads: int = Field(1, ge=1)
 
 
 class TrainConfig(Strict):

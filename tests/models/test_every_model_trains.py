@@ -11,12 +11,11 @@ from recforge.data.batches import SplitData
 from recforge.data.history import build_histories
 from recforge.features import FeatureLayout
 from recforge.models import MODELS, build_model
-from recforge.models.two_tower import TwoTower
 from recforge.train.objectives import InBatchRetrieval, Pointwise
 from recforge.train.trainer import TrainOptions, train
 
 FEATURES = FeatureLayout(("user", "item", "hour", "category"), (41, 31, 25, 6), ("position",),
-                       roles=("user", "item", "context", "item_feature"))
+                       roles=("user", "item", "context", "item_feature"), history_length=5)
 
 
 def _data(n: int = 3000) -> SplitData:
@@ -33,7 +32,7 @@ def _data(n: int = 3000) -> SplitData:
 
 
 def _objective(model: torch.nn.Module, data: SplitData) -> tuple[torch.nn.Module, SplitData]:
-    if isinstance(model, TwoTower):
+    if hasattr(model, "item_vector"):  # a retrieval model (two_tower, sasrec)
         positives = data.select(torch.nonzero(data.label > 0).squeeze(1))
         counts = torch.bincount(positives.categorical[:, 1], minlength=31).double() + 1
         return InBatchRetrieval(model, torch.log(counts / counts.sum()), item_column=1), positives

@@ -16,7 +16,7 @@ from recforge.models import MODELS, build_model
 from recforge.models.dcn import DCNv2
 from recforge.models.deepfm import DeepFM
 
-FEATURES = FeatureLayout(("user", "item", "hour", "category"), (30, 50, 24, 7), ("position", "age"))
+FEATURES = FeatureLayout(("user", "item", "hour", "category"), (30, 50, 24, 7), ("position", "age"), history_length=6)
 
 
 @pytest.fixture(autouse=True, scope="module")

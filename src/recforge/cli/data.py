@@ -21,9 +21,9 @@ def data_generate(config: ConfigOpt = None, overrides: Overrides = None, as_json
 
     cfg = guarded(load_config, config, overrides)
     summary = guarded(generate, cfg)
+    clicks = f"CTR {summary['ctr']:.3f}" if summary["ctr"] is not None else "implicit"
     log(f"generated {summary['rows']:,} events ({summary['users']:,} users, {summary['items']:,} items, "
-        f"{summary['days']} days, CTR {summary['ctr']:.3f}) in {summary['seconds']:.1f}s -> "
-        f"{Path(cfg.workdir) / 'raw'}")
+        f"{summary['days']} days, {clicks}) in {summary['seconds']:.1f}s -> {Path(cfg.workdir) / 'raw'}")
     print(json.dumps(summary, default=str))
 
 

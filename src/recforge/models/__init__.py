@@ -21,8 +21,10 @@ from recforge.models.dcn import DCNv2
 from recforge.models.deepfm import DeepFM
 from recforge.models.din import DIN
 from recforge.models.dnn import DNNRanker
+from recforge.models.sasrec import SASRec
 from recforge.models.two_tower import TwoTower
 from recforge.nn import MLP, CrossNetwork, FusedEmbedding, TargetAttention, Tower
+from recforge.nn.sequence import SequenceEncoder
 
 
 def _table(cardinalities: list[int], dim: int, cfg: ModelConfig, sparse: bool) -> FusedEmbedding:
@@ -79,6 +81,14 @@ def build_din(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -
                num_numeric=len(features.numeric))
 
 
+def build_sasrec(features: FeatureLayout, cfg: ModelConfig, sparse: bool = False) -> nn.Module:
+    item_column = features.item_column
+    items = _table([features.cardinalities[item_column]], cfg.embedding_dim, cfg, sparse)
+    encoder = SequenceEncoder(cfg.embedding_dim, features.history_length, cfg.attention_blocks, cfg.attention_heads,
+                              cfg.dropout)
+    return SASRec(items, encoder, features.item_columns, temperature=cfg.temperature, normalize=cfg.normalize)
+
+
 ModelKind = Literal["ranking", "retrieval"]
 
 
@@ -97,6 +107,7 @@ MODELS: dict[str, ModelEntry] = {
     "deepfm": ModelEntry(build_deepfm, "ranking"),
     "dcnv2": ModelEntry(build_dcnv2, "ranking"),
     "din": ModelEntry(build_din, "ranking", needs_history=True),
+    "sasrec": ModelEntry(build_sasrec, "retrieval", needs_history=True),
 }
 
 

@@ -102,7 +102,7 @@ def retrieval_validator(prepared: Path, features: FeatureLayout, cfg: Config) ->
     # Refused when the validator is made, before training starts, not after the first epoch.
     if model_entry(cfg.model.name).kind != "retrieval":
         raise ValueError(f"train.early_stopping_metric={cfg.train.early_stopping_metric} needs a retrieval model "
-                         "(two_tower)")
+                         "(two_tower, sasrec)")
     k = retrieval_cutoff(cfg.train.early_stopping_metric) or 20
     item_column = features.item_column
     loaded: list[tuple[RetrievalTask, torch.Tensor]] = []

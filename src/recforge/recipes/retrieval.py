@@ -58,7 +58,8 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     run_cfg = load_run_config(run_dir)
     prepared = run_cfg.resolved_prepared_dir
     if not is_retrieval(run_cfg):  # the config says it: no need to load the weights to refuse
-        raise ValueError(f"{run_dir} holds a {run_cfg.model.name} model; retrieval evaluation needs two_tower")
+        raise ValueError(f"{run_dir} holds a {run_cfg.model.name} model; retrieval evaluation needs a retrieval "
+                         "model (two_tower, sasrec)")
     model = load_trained_model(run_dir)
     features = feature_layout(prepared)
     item_column = features.item_column
@@ -84,7 +85,7 @@ def evaluate_retrieval(cfg: Config, split: str = "test", ks: tuple[int, ...] = (
     popularity = np.bincount(train_items, minlength=num_items).astype(np.float64)
     cooc = _cooccurrence_scorer(train_users, train_items, users, num_items, popularity)
     scorers = {
-        "two_tower": lambda a, b: user_vectors[a:b] @ item_vectors.T,
+        run_cfg.model.name: lambda a, b: user_vectors[a:b] @ item_vectors.T,
         "popularity": lambda a, b: np.broadcast_to(popularity, (b - a, num_items)).copy(),
         "cooccurrence": cooc,
     }
@@ -153,7 +154,8 @@ def recommend_users(
         raise ValueError(f"the retrieval run ({retrieval_run}) and the ranking run ({ranking_run}) were trained "
                          "on different prepared datasets; their item ids do not match")
     if not is_retrieval(retrieval_cfg):
-        raise ValueError(f"{retrieval_run} holds a {retrieval_cfg.model.name} model, not two_tower")
+        raise ValueError(f"{retrieval_run} holds a {retrieval_cfg.model.name} model, not a retrieval model "
+                         "(two_tower, sasrec)")
     tower = load_trained_model(retrieval_run)
     ranker = load_trained_model(ranking_run)
     features = feature_layout(prepared)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from recforge.config import GenerateConfig
 from recforge.storage import atomic_open
+from recforge.synthetic.sequences import generate_sequences
 from recforge.synthetic.world import (
     DEVICES,
     FEED_SLOTS,
@@ -222,6 +223,8 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict[str, Any]:
     """
     began = time.perf_counter()
     out_dir = Path(out_dir)
+    if cfg.world == "sequential":
+        return _generate_sequential(cfg, out_dir, began)
     world = build_world(cfg)
     table = generate_log(world, cfg)
     files = write_daily_parquet(table, cfg, out_dir / "events")
@@ -235,5 +238,18 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> dict[str, Any]:
         "ctr": float(label.mean()) if len(label) else 0.0,
         "files": [str(p) for p in files],
         "world": str(out_dir / "world"),
+        "seconds": round(time.perf_counter() - began, 3),
+    }
+
+
+def _generate_sequential(cfg: GenerateConfig, out_dir: Path, began: float) -> dict[str, Any]:
+    """The sequential world's implicit log (every event a consumption: no CTR, no ground-truth world)."""
+    table = generate_sequences(cfg)
+    files = write_daily_parquet(table, cfg, out_dir / "events")
+    return {
+        "rows": table.num_rows,
+        "users": int(len(np.unique(table.column("user_id").to_numpy()))),
+        "items": int(len(np.unique(table.column("item_id").to_numpy()))),
+        "days": cfg.days, "ctr": None, "world": None, "files": [str(p) for p in files],
         "seconds": round(time.perf_counter() - began, 3),
     }
