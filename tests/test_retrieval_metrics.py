@@ -190,3 +190,21 @@ def test_a_retrieval_task_of_warm_users_leaves_out_users_without_a_training_posi
     assert warm.exclude[1].tolist() == [5, 7]
     with pytest.raises(ValueError, match="'all' or 'warm'"):
         retrieval_task(train, test, times, 1, "cold")
+
+
+def test_standard_errors_are_the_per_user_std_over_root_n():
+    from recforge.evaluate import full_catalog_metrics
+    from recforge.metrics import ndcg_per_user, recall_per_user, standard_error
+
+    rng = np.random.default_rng(5)
+    scores = rng.normal(size=(40, 30))
+    truth = (np.arange(0, 81, 2), rng.integers(1, 30, 80))  # two items per user
+    exclude = (np.zeros(41, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    out = full_catalog_metrics(lambda a, b: scores[a:b], 40, truth, exclude, 30, ks=(5,))
+    top = np.argsort(-np.where(np.arange(30) == 0, -np.inf, scores), axis=1, kind="stable")[:, :5]
+    recall = recall_per_user(top, truth, 5)
+    assert out["recall@5"] == pytest.approx(recall.mean())
+    assert out["recall@5_se"] == pytest.approx(recall.std(ddof=1) / np.sqrt(40))
+    assert out["recall@5_se"] == pytest.approx(standard_error(recall))
+    assert out["ndcg@5_se"] == pytest.approx(standard_error(ndcg_per_user(top, truth, 5)))
+    assert standard_error(np.array([0.3])) == 0.0

@@ -23,9 +23,10 @@ from recforge.metrics import (
     hit_rate_at_k,
     logloss,
     mrr_at_k,
-    ndcg_at_k,
-    recall_at_k,
+    ndcg_per_user,
+    recall_per_user,
     sigmoid,
+    standard_error,
     topk_from_scores,
 )
 
@@ -98,7 +99,8 @@ def full_catalog_metrics(
     ks: tuple[int, ...] = (10, 20),
     chunk: int = 1024,
 ) -> dict[str, float]:
-    """Recall/NDCG/HitRate/MRR@k and coverage, ranking EVERY item for every user (no sampled negatives).
+    """Recall/NDCG/HitRate/MRR@k and coverage, ranking EVERY item for every user (no sampled negatives),
+    with the standard error of recall and NDCG (`recall@k_se`: per-user std / sqrt(users)).
 
     `score_chunk(start, stop)` returns the [stop - start, num_items] scores of those users; users
     are scored a chunk at a time so the full score matrix never exists.
@@ -113,8 +115,9 @@ def full_catalog_metrics(
     top = np.concatenate(tops) if tops else np.zeros((0, kmax), dtype=np.int64)
     out: dict[str, float] = {}
     for k in ks:
-        out[f"recall@{k}"] = recall_at_k(top, truth, k)
-        out[f"ndcg@{k}"] = ndcg_at_k(top, truth, k)
+        recall, ndcg = recall_per_user(top, truth, k), ndcg_per_user(top, truth, k)
+        out[f"recall@{k}"], out[f"recall@{k}_se"] = float(recall.mean()), standard_error(recall)
+        out[f"ndcg@{k}"], out[f"ndcg@{k}_se"] = float(ndcg.mean()), standard_error(ndcg)
         out[f"hitrate@{k}"] = hit_rate_at_k(top, truth, k)
         out[f"mrr@{k}"] = mrr_at_k(top, truth, k)
         out[f"coverage@{k}"] = catalog_coverage(top[:, :k], num_items)

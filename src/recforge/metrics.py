@@ -296,31 +296,51 @@ def _retrieval_hits(
     return hit, n_truth, k
 
 
-def _mean_over_users_with_truth(values: NDArray[np.float64], n_truth: NDArray[np.int64], name: str) -> float:
+def _users_with_truth(values: NDArray[np.float64], n_truth: NDArray[np.int64], name: str) -> NDArray[np.float64]:
     has_truth = n_truth > 0
     if not has_truth.any():
         raise ValueError(f"{name} is undefined: none of the {n_truth.shape[0]} users has a ground-truth item")
-    return float(values[has_truth].mean())
+    return values[has_truth]
 
 
-def recall_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:
-    """Mean over users with ground truth of |relevant in top k| / |relevant| (k defaults to topk's width).
+def _mean_over_users_with_truth(values: NDArray[np.float64], n_truth: NDArray[np.int64], name: str) -> float:
+    return float(_users_with_truth(values, n_truth, name).mean())
+
+
+def recall_per_user(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> NDArray[np.float64]:
+    """|relevant in top k| / |relevant| of each user that has ground truth (k defaults to topk's width).
 
     Top-k rows are expected to hold distinct items, as `topk_from_scores` returns them.
     """
     hit, n_truth, _ = _retrieval_hits(topk, truth, k)
-    recall = hit.sum(axis=1) / np.maximum(n_truth, 1)
-    return _mean_over_users_with_truth(recall, n_truth, "recall@k")
+    return _users_with_truth(hit.sum(axis=1) / np.maximum(n_truth, 1), n_truth, "recall@k")
 
 
-def ndcg_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:
-    """Binary-relevance NDCG: DCG = sum of 1 / log2(rank + 1) over relevant ranks (1-based), divided by
-    the DCG of an ideal list, which puts min(k, |relevant|) relevant items first."""
+def recall_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:
+    """Mean over users with ground truth of recall_per_user."""
+    return float(recall_per_user(topk, truth, k).mean())
+
+
+def ndcg_per_user(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> NDArray[np.float64]:
+    """Binary-relevance NDCG of each user with ground truth: DCG = sum of 1 / log2(rank + 1) over relevant
+    ranks (1-based), divided by the DCG of an ideal list, which puts min(k, |relevant|) relevant items first."""
     hit, n_truth, k = _retrieval_hits(topk, truth, k)
     discounts = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
     dcg = hit @ discounts
     ideal = np.cumsum(discounts)[np.clip(n_truth, 1, k) - 1]
-    return _mean_over_users_with_truth(dcg / ideal, n_truth, "ndcg@k")
+    return _users_with_truth(dcg / ideal, n_truth, "ndcg@k")
+
+
+def ndcg_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:
+    """Mean over users with ground truth of ndcg_per_user."""
+    return float(ndcg_per_user(topk, truth, k).mean())
+
+
+def standard_error(values: NDArray[np.float64]) -> float:
+    """std / sqrt(n) of a mean over users (sample std; 0 for a single user): how far another draw of
+    users could move it, what a difference between two models must clear to mean anything."""
+    n = len(values)
+    return float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
 def hit_rate_at_k(topk: ArrayLike, truth: CsrLike, k: int | None = None) -> float:

@@ -68,11 +68,13 @@ def metrics_table(results: dict[str, dict[str, float]], title: str) -> Table:
 def retrieval_table(results: dict[str, dict[str, float]], title: str) -> Table:
     table = Table(title=title)
     table.add_column("scorer")
-    columns = [k for k in next(iter(results.values())) if "@" in k and not k.startswith(("hitrate", "mrr"))]
+    columns = [k for k in next(iter(results.values()))
+               if "@" in k and not k.startswith(("hitrate", "mrr")) and not k.endswith("_se")]
     for name in columns:
         table.add_column(name, justify="right")
     for scorer, metrics in results.items():
-        table.add_row(scorer, *[f"{metrics[c]:.4f}" for c in columns])
+        table.add_row(scorer, *[f"{metrics[c]:.4f}" + (f" ± {metrics[c + '_se']:.4f}" if c + "_se" in metrics else "")
+                                for c in columns])
     return table
 
 
