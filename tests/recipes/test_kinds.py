@@ -18,6 +18,8 @@ from recforge.train.objectives import InBatchRetrieval, Pointwise
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "recforge"
 LAYOUT = FeatureLayout(("user", "item", "hour"), (6, 8, 4), ("position",), ("user", "item", "context"))
+HISTORY_LAYOUT = FeatureLayout(LAYOUT.categorical, LAYOUT.cardinalities, LAYOUT.numeric, LAYOUT.roles,
+                               history_length=3)
 
 
 def _data() -> SplitData:
@@ -38,7 +40,8 @@ def test_every_model_has_a_kind_the_recipes_know():
 
 def test_a_retrieval_model_embeds_users_and_items():
     for name, entry in MODELS.items():
-        model = build_model(LAYOUT, ModelConfig(name=name, embedding_dim=4, hidden=[8]))
+        layout = HISTORY_LAYOUT if entry.needs_history else LAYOUT
+        model = build_model(layout, ModelConfig(name=name, embedding_dim=4, hidden=[8]))
         retrieval = hasattr(model, "user_vector") and hasattr(model, "item_vector")
         assert retrieval == (entry.kind == "retrieval"), name
 
