@@ -171,6 +171,12 @@ class DataConfig(Strict):
     generate: GenerateConfig = GenerateConfig()
     # Keep each event's last N clicked items before it (for sequence models such as DIN); 0 = none.
     history_length: int = Field(0, ge=0)
+    # Which clicks a history may hold. train: only training-split clicks, so a valid/test row never
+    # carries an earlier valid/test label and a model is judged on what it knew when training ended
+    # (the honest protocol for rankers under a time split). all: every earlier click, as the server's
+    # online state has them (the leave-one-out protocol of sequential recommenders, where the test
+    # item follows the valid one).
+    history_from: Literal["train", "all"] = "train"
     # Who prepares the log: local = this process (pyarrow + numpy, the embedded default), spark = Spark
     # jobs (data.spark), for logs beyond one machine's memory. Both write the same sharded dataset.
     engine: Literal["local", "spark"] = "local"

@@ -254,6 +254,36 @@ def test_prepared_histories_round_trip_through_batches(tmp_path):
         assert torch.equal(expect, got)
 
 
+def test_histories_from_train_hold_training_clicks_only(tmp_path):
+    """history_from=train: under a time split every valid/test row's history is the user's last training
+    clicks, never a valid/test label; history_from=all lets those in, and train rows are the same either way."""
+    table = _log(3000)
+    frozen = _prepare(table, tmp_path / "train", history_length=5, history_from="train").path
+    live = _prepare(table, tmp_path / "all", history_length=5, history_from="all").path
+    assert read_json(frozen / "meta.json")["history_from"] == "train"
+    parts = {split: concat_shards(split_shards(frozen, split)) for split in ("train", "valid", "test")}
+    train = parts["train"]
+    clicked = train["label"] > 0
+    order = np.lexsort((train["timestamp"][clicked], train["user_key"][clicked]))
+    last_train = {}
+    for user, item in zip(train["user_key"][clicked][order], train["categorical"][clicked][order][:, 1],
+                          strict=True):
+        last_train.setdefault(int(user), []).append(int(item))
+    changed = 0
+    for split in ("valid", "test"):
+        rows = parts[split]
+        values, offsets = rows["history_values"], rows["history_offsets"]
+        other = concat_shards(split_shards(live, split))
+        for r in range(len(rows["label"])):
+            expect = last_train.get(int(rows["user_key"][r]), [])[-5:]
+            assert values[offsets[r]:offsets[r + 1]].tolist() == expect, (split, r)
+        changed += int(not np.array_equal(other["history_values"], values))
+    assert changed == 2  # with history_from=all, valid/test clicks do reach later rows' histories
+    same = concat_shards(split_shards(live, "train"))
+    np.testing.assert_array_equal(same["history_values"], train["history_values"])
+    np.testing.assert_array_equal(same["history_offsets"], train["history_offsets"])
+
+
 def test_millisecond_rows_are_converted_before_the_time_split(tmp_path):
     # 1,500 of 11,500 events logged in ms: read as seconds they would all be "the future" (year ~55,000)
     # and make up the whole test split.

@@ -113,7 +113,8 @@ def _assert_same_dataset(a: Path, b: Path) -> None:
                     np.testing.assert_array_equal(ca[column], cb[column], err_msg=f"{split} {column}")
         assert ma["splits"][split]["rows"] == mb["splits"][split]["rows"]
     meta_a, meta_b = (json.loads((p / "meta.json").read_text()) for p in (a, b))
-    for key in ("fields", "split", "positives", "users", "items", "rows", "events", "negatives", "history_length"):
+    for key in ("fields", "split", "positives", "users", "items", "rows", "events", "negatives", "history_length",
+                "history_from"):
         assert meta_a[key] == meta_b[key], key
     np.testing.assert_allclose([n["mean"] for n in meta_a["numeric"]], [n["mean"] for n in meta_b["numeric"]],
                                rtol=1e-12)
@@ -121,7 +122,8 @@ def _assert_same_dataset(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def prepared_both(spark, tmp_path_factory):
-    """The planted log prepared by both engines (time split, implicit negatives, histories, 3+ shards)."""
+    """The planted log prepared by both engines (time split, implicit negatives, histories of training
+    clicks only, 3+ shards)."""
     tmp = tmp_path_factory.mktemp("both")
     return _both(tmp, _write_log(tmp / "log"))
 
@@ -154,10 +156,12 @@ def test_spark_negatives_never_hit_the_users_own_items_and_histories_do_not_leak
     positives = set(zip(rows["user_key"][clicked].tolist(), rows["categorical"][clicked, 1].tolist(), strict=True))
     negatives = set(zip(rows["user_key"][~clicked].tolist(), rows["categorical"][~clicked, 1].tolist(), strict=True))
     assert negatives and not negatives & {(u, i) for u, i in positives if i != 0}
-    # Every history item is a click of the same user strictly earlier than the row.
+    # Every history item is a training click of the same user strictly earlier than the row.
+    train = parts["train"]
+    train_clicked = train["label"] == 1
     clicks: dict[int, set[tuple[int, int]]] = {}
-    for user, item, when in zip(rows["user_key"][clicked], rows["categorical"][clicked, 1],
-                                rows["timestamp"][clicked], strict=True):
+    for user, item, when in zip(train["user_key"][train_clicked], train["categorical"][train_clicked, 1],
+                                train["timestamp"][train_clicked], strict=True):
         clicks.setdefault(int(user), set()).add((int(when), int(item)))
     test = parts["test"]
     offsets, values = test["history_offsets"], test["history_values"]
@@ -219,7 +223,7 @@ def test_per_user_fraction_and_split_column_match(spark, tmp_path):
     each user's latest share, and parquet parts by their own split column (bad values quarantined)."""
     (local, local_result), (sparked, spark_result) = _both(
         tmp_path / "fraction", _write_log(tmp_path / "log"),
-        split={"method": "per_user_fraction", "valid_fraction": 0.15, "test_fraction": 0.25})
+        split={"method": "per_user_fraction", "valid_fraction": 0.15, "test_fraction": 0.25}, history_from="all")
     assert local_result.report() == spark_result.report()
     _assert_same_dataset(local.path, sparked.path)
     meta = json.loads((local.path / "meta.json").read_text())["split"]

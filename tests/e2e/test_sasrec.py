@@ -18,7 +18,8 @@ WORLD = ["data.generate.world=sequential", "data.generate.users=400", "data.gene
          "data.generate.events=15000", "data.generate.days=5", "data.generate.categories=6",
          "data.schema.label.kind=implicit", "data.schema.label.column=null", "data.schema.context=[]",
          "data.schema.numeric=[]", "data.schema.item_features=[category]", "data.split.method=leave_last_out",
-         "data.history_length=8", "data.negatives.per_positive=1", "train.progress=false", "train.batch_size=256"]
+         "data.history_length=8", "data.history_from=all", "data.negatives.per_positive=1", "train.progress=false",
+         "train.batch_size=256"]
 SASREC = ["model.name=sasrec", "model.embedding_dim=32", "model.attention_blocks=1", "train.epochs=4",
           "train.lr=0.003", "train.early_stopping_metric=ndcg@10"]
 

@@ -115,11 +115,12 @@ def _with_negatives(rows: dict[str, np.ndarray], plan: NegativePlan, bucket: int
 
 
 def process_bucket(rows: dict[str, np.ndarray], bucket: int, plan: NegativePlan | None, *,
-                   history_length: int, item_column: int) -> tuple[dict[str, np.ndarray], int]:
+                   history_length: int, history_from: str, item_column: int) -> tuple[dict[str, np.ndarray], int]:
     """One bucket's rows (in input order) -> with negatives and histories, in canonical order.
 
     Returns the columns (ROW_COLUMNS + `slot`, and `history_values`/`history_offsets` when
-    history_length > 0) and how many negatives could not be sampled.
+    history_length > 0) and how many negatives could not be sampled. With history_from "train" only
+    training-split clicks enter a history (data.history_from).
     """
     unsampleable = 0
     if plan is not None and len(rows["label"]):
@@ -129,10 +130,20 @@ def process_bucket(rows: dict[str, np.ndarray], bucket: int, plan: NegativePlan 
     canonical = np.lexsort((rows["slot"], rows["order"]))
     rows = {name: values[canonical] for name, values in rows.items()}
     if history_length > 0:
+        clicks = history_clicks(rows["label"], rows["split"], history_from)
         values, offsets = build_histories(rows["user_key"], rows["timestamp"], rows["categorical"][:, item_column],
-                                          rows["label"], history_length)
+                                          clicks, history_length)
         rows["history_values"], rows["history_offsets"] = values, offsets
     return rows, unsampleable
+
+
+def history_clicks(labels: np.ndarray, split: np.ndarray, history_from: str) -> np.ndarray:
+    """The labels a history is built from: every click, or (history_from "train") training-split ones only."""
+    if history_from == "all":
+        return labels
+    if history_from == "train":
+        return np.where(split == 0, labels, 0).astype(labels.dtype)
+    raise ValueError(f"history_from must be train or all, not {history_from!r}")
 
 
 def merge_buckets(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

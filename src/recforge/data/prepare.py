@@ -188,6 +188,7 @@ class PrepareOptions:
     """How prepare lays the dataset out and what it records beside it."""
 
     history_length: int = 0
+    history_from: str = "train"  # which splits' clicks histories hold: train | all (config.DataConfig)
     seed: int = 0
     shard_rows: int = 1_000_000
     user_bucket_rows: int = 1_000_000
@@ -282,7 +283,8 @@ def _by_buckets(rows: dict[str, np.ndarray], plan: NegativePlan | None, options:
         take = by_bucket[start:start + size]
         start += size
         part, missed = process_bucket({name: values[take] for name, values in rows.items()}, bucket, plan,
-                                      history_length=options.history_length, item_column=item_column)
+                                      history_length=options.history_length, history_from=options.history_from,
+                                      item_column=item_column)
         parts.append(part)
         unsampleable += missed
     return merge_buckets(parts), unsampleable
@@ -355,6 +357,7 @@ def prepared_meta(schema: SchemaConfig, vocabs: dict[str, Vocab], mean: np.ndarr
         ],
         "item_features": list(schema.item_features),
         "history_length": options.history_length,
+        "history_from": options.history_from,
         "label": schema.label.model_dump(),
         "split": {"method": split_cfg.method, "valid_fraction": split_cfg.valid_fraction,
                   "test_fraction": split_cfg.test_fraction, **split_stats},

@@ -72,15 +72,17 @@ def read_score_input(source: str | Path, fmt: str, schema: SchemaConfig, keep: l
     return ScoreInput(checks.table, categorical, numeric, times, reason)
 
 
-def histories_before(prepared: Path, rows: ScoreInput, user_column: int, item_column: int, max_len: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's last `max_len` clicks in the prepared data (any split) strictly before its time.
+def histories_before(prepared: Path, rows: ScoreInput, user_column: int, item_column: int, max_len: int,
+                     history_from: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """Each row's last `max_len` clicks in the prepared data strictly before its time: clicks of any
+    split, or of the training split only when the data was prepared with history_from "train" (so a
+    file's rows get the histories the model was trained and evaluated with).
 
     Users are matched by vocabulary index; a user the vocabulary does not know (index 0) has no
     history, as in serving, instead of sharing every unknown user's clicks.
     """
     users, times, items, labels = [], [], [], []
-    for split in _SPLITS:
+    for split in _SPLITS if history_from == "all" else _SPLITS[:1]:
         shards = split_shards(prepared, split)
         if not shards:
             continue

@@ -65,8 +65,9 @@ def score_file(cfg: Config, source: str | Path, out: Path, *, fmt: str = "auto",
         raise DataError(f"{source}: --keep column(s) {missing} are not in the file")
     history_values = history_offsets = None
     if features.history_length:
+        # Datasets prepared before history_from was recorded built their histories from every click.
         values, offsets = histories_before(prepared, rows, features.column("user"), features.item_column,
-                                           features.history_length)
+                                           features.history_length, meta.get("history_from", "all"))
         history_values, history_offsets = torch.from_numpy(values), torch.from_numpy(offsets)
     n = len(rows.reason)
     data = SplitData(name="input", categorical=torch.from_numpy(rows.categorical),

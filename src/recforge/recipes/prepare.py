@@ -64,7 +64,8 @@ def prepare_data(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
         cfg.data.negatives,
         cfg.resolved_prepared_dir,
         PrepareOptions(
-            history_length=cfg.data.history_length, seed=cfg.seed, shard_rows=cfg.data.shard_rows,
+            history_length=cfg.data.history_length, history_from=cfg.data.history_from, seed=cfg.seed,
+            shard_rows=cfg.data.shard_rows,
             user_bucket_rows=cfg.data.user_bucket_rows,
             source={"path": str(source), "format": cfg.data.format, "files": files_read,
                     "validation": result.report()},
@@ -80,7 +81,8 @@ def _prepare_on_spark(cfg: Config) -> tuple[PreparedInfo, ValidationResult]:
     source = cfg.resolved_source
     info, summary, _ = prepare_on_spark(
         _spark_job(cfg), cfg.resolved_prepared_dir, validation_dir(cfg),
-        PrepareOptions(history_length=cfg.data.history_length, seed=cfg.seed, shard_rows=cfg.data.shard_rows,
+        PrepareOptions(history_length=cfg.data.history_length, history_from=cfg.data.history_from, seed=cfg.seed,
+                       shard_rows=cfg.data.shard_rows,
                        user_bucket_rows=cfg.data.user_bucket_rows,
                        source={"path": str(source), "format": cfg.data.format}))
     return info, summary  # type: ignore[return-value] - the same report() and counts as a ValidationResult

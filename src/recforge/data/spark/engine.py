@@ -153,7 +153,8 @@ def _prepared(stages: _Staging, job: SparkJob, clean: Any, validation: SparkVali
         if schema.label.kind == "implicit" else None
     rows = stages.keep(bucket_rows(encoded, plan, buckets=bucket_count(validation.rows_kept, options.user_bucket_rows),
                                    fields=len(fields), numeric=len(schema.numeric),
-                                   history_length=options.history_length, item_column=item_column), "rows")
+                                   history_length=options.history_length, history_from=options.history_from,
+                                   item_column=item_column), "rows")
     shards = {name: write_split_shards(rows, code, name, tmp, shard_rows=options.shard_rows, fields=len(fields),
                                        numeric=len(schema.numeric), with_history=options.history_length > 0,
                                        partitions=partitions)

@@ -59,7 +59,7 @@ def rows_schema(fields: int, numeric: int, with_history: bool) -> str:
 
 
 def bucket_rows(encoded: Any, plan: NegativePlan | None, *, buckets: int, fields: int, numeric: int,
-                history_length: int, item_column: int) -> Any:
+                history_length: int, history_from: str, item_column: int) -> Any:
     """Every row with its negatives (slot > 0) and history, one user bucket per task."""
     from pyspark.sql import functions as F
 
@@ -76,7 +76,7 @@ def bucket_rows(encoded: Any, plan: NegativePlan | None, *, buckets: int, fields
             part = {name: values[take] for name, values in rows.items()}
             part = {name: values[np.argsort(part["order"], kind="stable")] for name, values in part.items()}
             done, _ = process_bucket(part, bucket, shared.value, history_length=history_length,
-                                     item_column=item_column)
+                                     history_from=history_from, item_column=item_column)
             for start in range(0, len(done["label"]), _OUT_ROWS):
                 yield _as_batch(_slice(done, start, start + _OUT_ROWS), fields, numeric, history_length > 0)
 
