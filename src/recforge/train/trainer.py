@@ -32,6 +32,7 @@ from recforge.runtime import DistContext, choose_device, tune_allocator
 from recforge.train.checkpoint import RunState, load_checkpoint, mirror_run, save_checkpoint, save_weights
 from recforge.train.objectives import Pointwise
 from recforge.train.optim import RowWiseAdam
+from recforge.train.sparse_sync import SparseGradientSync, sparse_parameter_names
 
 Validator = Callable[[torch.nn.Module], dict[str, float]]
 # What train() reads its rows from: a split in memory, or its shards streamed (train.data_loading).
@@ -103,6 +104,7 @@ def optimizer_step(
     optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler | None,
     skipped: torch.Tensor,
+    sync: Callable[[], None] | None = None,
 ) -> None:
     """Backward and update; with a GradScaler (fp16), count skipped steps into `skipped`.
 
@@ -111,15 +113,20 @@ def optimizer_step(
     `scaler.scale(1)` before and after update(): get_scale() would wait for the optimizer kernels
     every step, and GradScaler's own scale tensor is private. `skipped` stays a device tensor, read
     only at logging points. (A disabled scaler returns its input, so nothing counts as skipped.)
+    `sync` averages what DDP leaves to the trainer (the sparse embedding gradients) across ranks.
     """
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
+        if sync is not None:
+            sync()
         for opt in optimizers:
             opt.step()
         return
     scaler.scale(loss).backward()
+    if sync is not None:
+        sync()
     for opt in optimizers:
         scaler.step(opt)
     unit = torch.ones((), device=loss.device)
@@ -256,7 +263,7 @@ def train(
                                       batch.history_offsets)
                 # backward() (under DDP it all-reduces the gradients; no accumulation, so no no_sync()), then
                 # the update, through the GradScaler's scale/step/update under fp16.
-                optimizer_step(loss, run.optimizers, run.scaler, tally.skipped)
+                optimizer_step(loss, run.optimizers, run.scaler, tally.skipped, run.sparse_sync)
                 tally.add(loss, len(batch))
                 state.samples_in_epoch = min(len(train_data), state.samples_in_epoch + global_batch)
                 state.steps_in_epoch += 1
@@ -330,6 +337,8 @@ class _Run:
     log: Callable[[str], None]
     # Writes nothing until train() opens the run's metrics.jsonl (after a resume found work to do).
     metrics: _MetricsLog = field(default_factory=lambda: _MetricsLog(Path(), main=False))
+    # Under DDP: averages the sparse embedding gradients DDP is told to leave alone (train/sparse_sync.py).
+    sparse_sync: SparseGradientSync | None = None
 
     @property
     def main(self) -> bool:
@@ -399,7 +408,7 @@ def _step_model(run: _Run) -> torch.nn.Module:
     dist_ctx = run.options.dist_ctx
     if dist_ctx.distributed:
         torch.manual_seed(run.options.seed + 7919 * dist_ctx.rank + run.state.global_step)
-    step_model = _wrap_ddp(run.objective, dist_ctx, run.device)
+    step_model, run.sparse_sync = _wrap_ddp(run.objective, dist_ctx, run.device)
     if run.cfg.compile:
         step_model = torch.compile(step_model)
     return step_model
@@ -550,16 +559,25 @@ def _silent(message: str) -> None:
     """Log sink of ranks other than 0."""
 
 
-def _wrap_ddp(model: torch.nn.Module, dist_ctx: DistContext, device: torch.device) -> torch.nn.Module:
+def _wrap_ddp(model: torch.nn.Module, dist_ctx: DistContext, device: torch.device
+              ) -> tuple[torch.nn.Module, SparseGradientSync | None]:
+    """DDP over the dense parameters; the sparse embedding tables are averaged by a SparseGradientSync."""
     if not dist_ctx.distributed:
-        return model
+        return model, None
     from torch.nn.parallel import DistributedDataParallel
 
-    if device.type == "cuda" and any(
-        isinstance(m, torch.nn.Embedding) and m.sparse for m in model.modules()
-    ):
-        raise ValueError("NCCL cannot all-reduce sparse gradients: use train.optimizer=adam for multi-GPU runs")
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sparse = sparse_parameter_names(model)
+    if device.type == "cuda" and sparse:
+        raise ValueError("sparse embedding gradients are not synchronized across GPUs yet: use train.optimizer=adam "
+                         "for multi-GPU runs")
+    sync = None
+    if sparse:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse)
+        named = dict(model.named_parameters())
+        sync = SparseGradientSync([named[name] for name in sparse], dist_ctx.world_size)
+        sync.broadcast_from_main()
+    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped, sync
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
