@@ -160,10 +160,23 @@ class SparkConfig(Strict):
     staging_dir: str | None = None
 
 
+class AttributeSource(Strict):
+    """A side table of item or user attributes, one row per id (data/attributes.py)."""
+
+    path: str  # a Parquet or CSV file, local or s3://
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    # The table's id column, when it is not named like the log's (schema.item / schema.user).
+    key: str | None = None
+
+
 class DataConfig(Strict):
     # A file or a directory of files; None means the generated synthetic log under workdir.
     source: str | None = None
     format: Literal["auto", "parquet", "csv", "movielens"] = "auto"
+    # Attribute tables joined onto each event by item / user id as the log is read; the schema names
+    # the columns it uses from them (item_features for items; context or numeric for users).
+    items: AttributeSource | None = None
+    users: AttributeSource | None = None
     schema_: SchemaConfig = Field(SchemaConfig(), alias="schema")
     split: SplitConfig = SplitConfig()
     vocab: VocabConfig = VocabConfig()

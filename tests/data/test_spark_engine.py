@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from recforge.config import Config
 from recforge.data.schema import DataError
 from recforge.data.shards import concat_shards, read_manifest, split_shards
+from recforge.data.vocab import load_vocabs
 from recforge.recipes.prepare import prepare_data, validate_source
 
 pytestmark = pytest.mark.slow
@@ -238,6 +240,35 @@ def test_per_user_fraction_and_split_column_match(spark, tmp_path):
     report = local_result.report()
     assert report == spark_result.report() and report["by_reason"]["bad_split"] > 0
     _assert_same_dataset(local.path, sparked.path)
+
+
+def test_attribute_tables_join_the_same_on_both_engines(spark, tmp_path):
+    """data.items (Parquet, integer ids, an item missing) and data.users (CSV keyed by another column
+    name) joined as each file is read: the same dataset and report from both engines."""
+    items = pa.table({"item_id": pa.array(range(1, 211), pa.int64()),
+                      "genre": [f"g{i % 5}" for i in range(1, 211)]})  # item 0 has no row
+    pq.write_table(items, tmp_path / "items.parquet")
+    (tmp_path / "users.csv").write_text("uid,segment,unused\n" + "".join(f"{u},s{u % 3},x\n" for u in range(97)))
+    schema = {"user": "user_id", "item": "item_id", "time": "timestamp",
+              "label": {"kind": "implicit", "column": None}, "context": ["device", "segment"],
+              "item_features": ["category", "genre"], "numeric": ["price"]}
+    (local, local_result), (sparked, spark_result) = _both(
+        tmp_path, _write_log(tmp_path / "log"), schema=schema,
+        items={"path": str(tmp_path / "items.parquet")}, users={"path": str(tmp_path / "users.csv"), "key": "uid"})
+    report = local_result.report()
+    assert report == spark_result.report()
+    assert report["null_context"]["genre"] > 0 and report["null_context"]["segment"] == 0
+    _assert_same_dataset(local.path, sparked.path)
+    meta = json.loads((local.path / "meta.json").read_text())
+    assert meta["source"]["attributes"]["items"]["rows"] == 210
+    assert meta["source"]["attributes"]["users"]["columns"] == ["segment"]
+    # The item feature table holds each item's genre from the side table; item 0 has none (unknown).
+    vocabs = load_vocabs(local.path / "vocab")
+    features = np.load(local.path / "items" / "features.npy")
+    items_index = vocabs["item_id"].encode(pa.array(["5", "7", "0"]))
+    genres = vocabs["genre"].encode(pa.array(["g0", "g2"]))
+    assert features[items_index[0], 1] == genres[0] and features[items_index[1], 1] == genres[1]
+    assert items_index[2] > 0 and features[items_index[2], 1] == 0
 
 
 def test_one_corrupt_file_among_a_thousand_is_named(spark, tmp_path):

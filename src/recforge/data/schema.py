@@ -49,7 +49,7 @@ def required_columns(schema: SchemaConfig) -> list[str]:
     return list(column_roles(schema))
 
 
-def check_columns(found: list[str], schema: SchemaConfig, where: str) -> None:
+def check_columns(found: list[str], schema: SchemaConfig, where: str, joined: tuple[str, ...] = ()) -> None:
     """Raise DataError naming every column `schema` needs that `found` lacks; extra columns are fine.
 
     All missing columns go in one message so a user fixes the file (or the schema) once, not once
@@ -64,6 +64,10 @@ def check_columns(found: list[str], schema: SchemaConfig, where: str) -> None:
             f"{', '.join(reserved)} are added by the reader, rename them in the schema"
         )
     present = set(found)
+    clash = [name for name in joined if name in present]
+    if clash:
+        raise DataError(f"{where}: column(s) {clash} are in the log and in an attribute table (data.items / "
+                        "data.users); keep one of them")
     missing = [f"'{name}' (schema role: {role})" for name, role in roles.items() if name not in present]
     if missing:
         noun = "column" if len(missing) == 1 else "columns"

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from recforge.config import LabelConfig, SchemaConfig
+from recforge.data.attributes import Attributes
 from recforge.data.history import build_histories, take_histories
 from recforge.data.shards import concat_shards, split_shards
 from recforge.data.sources import read_events
@@ -53,10 +54,13 @@ def reading_schema(schema: SchemaConfig, keep: list[str]) -> SchemaConfig:
 
 
 def read_score_input(source: str | Path, fmt: str, schema: SchemaConfig, keep: list[str],
-                     vocabs: dict[str, Vocab], numeric_meta: list[dict[str, Any]]) -> ScoreInput:
-    """Read `source` with the training schema's columns (plus `keep`) and encode every row it can."""
+                     vocabs: dict[str, Vocab], numeric_meta: list[dict[str, Any]],
+                     attributes: Attributes = Attributes()) -> ScoreInput:
+    """Read `source` with the training schema's columns (plus `keep`), joined with the attribute tables
+    the training data was, and encode every row it can."""
     reading = reading_schema(schema, keep)
-    table = read_events(source, fmt, reading)  # type: ignore[arg-type]
+    table = attributes.join(read_events(source, fmt, attributes.file_schema(reading),  # type: ignore[arg-type]
+                                        attributes.columns))
     checks = check_rows(table, reading)
     categorical = np.stack([vocabs[f].encode(checks.clean[f]) for f in schema.categorical], axis=1).astype(np.int64)
     if schema.numeric:

@@ -64,7 +64,7 @@ class SourceFile(NamedTuple):
     size: int
 
 
-def read_events(path: str | Path, fmt: Format, schema: SchemaConfig) -> pa.Table:
+def read_events(path: str | Path, fmt: Format, schema: SchemaConfig, joined: tuple[str, ...] = ()) -> pa.Table:
     """Read one log file, or every data file of a directory (sorted by name) into one table.
 
     Columns: those `required_columns(schema)` names, then `_file` (name relative to `path`) and
@@ -72,10 +72,11 @@ def read_events(path: str | Path, fmt: Format, schema: SchemaConfig) -> pa.Table
     in a CSV without blank lines row N is line N + 1). If some file had rows that could not be
     parsed, `_malformed` follows: True on those rows, whose values are null. Columns are checked
     against the schema from the parquet footer or the CSV header before any row is read, so a wrong
-    file fails fast.
+    file fails fast; a file that has one of the `joined` columns (those an attribute table brings)
+    fails too, rather than one of the two values being dropped unseen.
     """
     files = list_files(path, fmt)
-    tables = [read_file(file.location, file.name, file.format, schema) for file in files]
+    tables = [read_file(file.location, file.name, file.format, schema, joined) for file in files]
     return _concat(tables, [file.name for file in files], path)
 
 
@@ -201,7 +202,8 @@ def _check_not_empty(file: Path) -> None:
         raise DataError(f"{file} is empty: no data rows")
 
 
-def read_file(file: Path | str, name: str, fmt: FileFormat, schema: SchemaConfig) -> pa.Table:
+def read_file(file: Path | str, name: str, fmt: FileFormat, schema: SchemaConfig, joined: tuple[str, ...] = ()
+              ) -> pa.Table:
     """One data file with `_file` = `name` and `_row` numbers (see read_events).
 
     A file on an object store is copied to local disk first (one file at a time, removed after):
@@ -209,7 +211,7 @@ def read_file(file: Path | str, name: str, fmt: FileFormat, schema: SchemaConfig
     name the URI, not the copy.
     """
     if is_remote(file):
-        return _read_remote(str(file), name, fmt, schema)
+        return _read_remote(str(file), name, fmt, schema, joined)
     file = Path(file)
     _check_not_empty(file)
     with open(file, "rb") as handle:
@@ -223,11 +225,11 @@ def read_file(file: Path | str, name: str, fmt: FileFormat, schema: SchemaConfig
     malformed: Malformed = {}
     try:
         if fmt == "parquet":
-            table = _read_parquet(file, schema)
+            table = _read_parquet(file, schema, joined)
         elif fmt == "csv":
-            table, malformed = _read_csv(file, schema)
+            table, malformed = _read_csv(file, schema, joined)
         else:
-            table, malformed = _read_movielens(file, schema)
+            table, malformed = _read_movielens(file, schema, joined)
     except DataError:
         raise
     except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
@@ -237,7 +239,7 @@ def read_file(file: Path | str, name: str, fmt: FileFormat, schema: SchemaConfig
     return _number_rows(table, name, malformed, file)
 
 
-def _read_remote(uri: str, name: str, fmt: FileFormat, schema: SchemaConfig) -> pa.Table:
+def _read_remote(uri: str, name: str, fmt: FileFormat, schema: SchemaConfig, joined: tuple[str, ...]) -> pa.Table:
     with tempfile.TemporaryDirectory(prefix="recforge-source-") as scratch:
         local = Path(scratch) / uri.rsplit("/", 1)[-1]
         try:
@@ -245,7 +247,7 @@ def _read_remote(uri: str, name: str, fmt: FileFormat, schema: SchemaConfig) -> 
         except (StorageError, FileNotFoundError) as exc:
             raise DataError(f"cannot download {uri}: {_one_line(exc)}") from exc
         try:
-            return read_file(local, name, fmt, schema)
+            return read_file(local, name, fmt, schema, joined)
         except DataError as exc:
             raise DataError(str(exc).replace(str(local), uri)) from exc
 
@@ -279,9 +281,9 @@ def _number_rows(table: pa.Table, name: str, malformed: Malformed, file: Path) -
     return both.take(pa.array(order))
 
 
-def _read_parquet(file: Path, schema: SchemaConfig) -> pa.Table:
+def _read_parquet(file: Path, schema: SchemaConfig, joined: tuple[str, ...]) -> pa.Table:
     parquet = pq.ParquetFile(file)
-    check_columns(parquet.schema_arrow.names, schema, str(file))
+    check_columns(parquet.schema_arrow.names, schema, str(file), joined)
     if parquet.metadata.num_rows == 0:
         raise DataError(f"{file} is empty: no data rows")
     return parquet.read(columns=required_columns(schema))
@@ -316,9 +318,9 @@ def _text_options(columns: list[str]) -> pcsv.ConvertOptions:
     )
 
 
-def _read_csv(file: Path, schema: SchemaConfig) -> tuple[pa.Table, Malformed]:
+def _read_csv(file: Path, schema: SchemaConfig, joined: tuple[str, ...]) -> tuple[pa.Table, Malformed]:
     header = _read_header(file)
-    check_columns(header, schema, str(file))
+    check_columns(header, schema, str(file), joined)
     columns = required_columns(schema)
     repeated = [name for name in columns if header.count(name) > 1]
     if repeated:
@@ -385,9 +387,9 @@ def _block_for_longest_line(file: Path) -> int:
     return (longest // mib + 2) * mib
 
 
-def _read_movielens(file: Path, schema: SchemaConfig) -> tuple[pa.Table, Malformed]:
+def _read_movielens(file: Path, schema: SchemaConfig, joined: tuple[str, ...]) -> tuple[pa.Table, Malformed]:
     lower = file.name.lower()
-    check_columns(list(MOVIELENS_COLUMNS), schema, str(file))
+    check_columns(list(MOVIELENS_COLUMNS), schema, str(file), joined)
     columns = required_columns(schema)
     if lower.endswith(".dat"):
         table, malformed = _read_double_colon(file)

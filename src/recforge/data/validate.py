@@ -133,7 +133,7 @@ def check_rows(table: pa.Table, schema: SchemaConfig) -> RowChecks:
         reject("malformed_row", _fill(table.column(MALFORMED_COLUMN)))
     clean: dict[str, pa.ChunkedArray] = {}
     for role, name in (("user", schema.user), ("item", schema.item)):
-        clean[name] = _to_text(_column(table, name), name)
+        clean[name] = as_text(_column(table, name), name)
         reject(f"missing_{role}", _is_null(clean[name]))
 
     seconds, out_of_range, unit = _timestamps(table, schema)
@@ -154,7 +154,7 @@ def check_rows(table: pa.Table, schema: SchemaConfig) -> RowChecks:
         reject("label_out_of_range", out)
 
     for name in [*schema.context, *schema.item_features]:
-        clean[name] = _to_text(_column(table, name), name)
+        clean[name] = as_text(_column(table, name), name)
 
     for name in schema.numeric:
         values = _to_float(_column(table, name), name)
@@ -162,7 +162,7 @@ def check_rows(table: pa.Table, schema: SchemaConfig) -> RowChecks:
         reject("bad_numeric", _is_null(values) | ~_fill(pc.is_finite(values)))
 
     if schema.split:
-        names = pc.utf8_lower(_to_text(_column(table, schema.split), schema.split))
+        names = pc.utf8_lower(as_text(_column(table, schema.split), schema.split))
         clean[schema.split] = names
         reject("bad_split", ~_fill(pc.is_in(names, value_set=pa.array(SPLIT_NAMES))))
     return RowChecks(table, clean, reason, unit)
@@ -277,7 +277,7 @@ def _type_error(name: str, kind: pa.DataType, expected: str) -> DataError:
     return DataError(f"column '{name}' has type {kind}, which cannot hold {expected}")
 
 
-def _to_text(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+def as_text(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     """Ids and categories as trimmed text; whole floats lose the '.0' so 12.0 and 12 are one id.
 
     Blank strings and NaN become null, i.e. missing.

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from recforge.config import Config
+from recforge.data.attributes import load_attributes
 from recforge.data.batches import SplitData
 from recforge.data.schema import DataError
 from recforge.data.score_input import histories_before, read_score_input
@@ -56,7 +57,8 @@ def score_file(cfg: Config, source: str | Path, out: Path, *, fmt: str = "auto",
     features = feature_layout(prepared)
     meta = read_json(prepared / "meta.json")
     keep = list(keep or [])
-    rows = read_score_input(source, fmt, schema, keep, load_vocabs(prepared / "vocab"), meta["numeric"])
+    rows = read_score_input(source, fmt, schema, keep, load_vocabs(prepared / "vocab"), meta["numeric"],
+                            load_attributes(run_cfg.data))
     clash = [c for c in rows.table.column_names if c in PREDICTION_COLUMNS]
     if clash:
         raise DataError(f"{source}: column(s) {clash} would be overwritten by the predictions; rename them")

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recforge.config import SchemaConfig
+from recforge.data.attributes import Attributes
 from recforge.data.schema import DataError, column_roles, required_columns
 from recforge.data.sources import list_files, read_file
 from recforge.data.validate import REASONS, TIME_UNITS, check_rows, quarantine_rows, unit_counts
@@ -77,10 +78,11 @@ def _batches(columns: dict[str, Any], target: pa.Schema) -> Iterator[pa.RecordBa
     yield from table.to_batches(max_chunksize=_BATCH_ROWS)
 
 
-def _checked_rows(index: int, path: str, name: str, fmt: str, schema: SchemaConfig, target: pa.Schema
-                  ) -> Iterator[pa.RecordBatch]:
+def _checked_rows(index: int, path: str, name: str, fmt: str, schema: SchemaConfig, target: pa.Schema,
+                  attributes: Attributes) -> Iterator[pa.RecordBatch]:
     try:
-        checks = check_rows(read_file(path, name, fmt, schema), schema)  # type: ignore[arg-type]
+        table = read_file(path, name, fmt, attributes.file_schema(schema), attributes.columns)  # type: ignore[arg-type]
+        checks = check_rows(attributes.join(table), schema)
     except DataError as exc:
         yield from _batches({"_file": pa.array([name]), "_error": pa.array([str(exc)])}, target)
         return
@@ -103,8 +105,10 @@ def _checked_rows(index: int, path: str, name: str, fmt: str, schema: SchemaConf
         yield from _batches(columns, target)
 
 
-def check_files(spark: Any, source: str | Path, fmt: str, schema: SchemaConfig) -> Any:
-    """A DataFrame of every row of every file: clean columns, reason, unit, order, raw text if rejected."""
+def check_files(spark: Any, source: str | Path, fmt: str, schema: SchemaConfig,
+                attributes: Attributes = Attributes()) -> Any:
+    """A DataFrame of every row of every file: clean columns, reason, unit, order, raw text if rejected
+    (each file joined with the attribute tables, broadcast once to the executors)."""
     files = list_files(source, fmt)  # type: ignore[arg-type]
     if len(files) >= 1 << (63 - ORDER_BITS):
         raise DataError(f"{source}: {len(files):,} files; at most {1 << (63 - ORDER_BITS):,} can be ordered")
@@ -113,10 +117,12 @@ def check_files(spark: Any, source: str | Path, fmt: str, schema: SchemaConfig) 
                         "path": [str(file.location) for file in files], "name": [file.name for file in files],
                         "format": [file.format for file in files]})
 
+    shared = spark.sparkContext.broadcast(attributes)
+
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for index, path, name, file_fmt in zip(*(batch.column(i).to_pylist() for i in range(4)), strict=True):
-                yield from _checked_rows(index, path, name, file_fmt, schema, target)
+                yield from _checked_rows(index, path, name, file_fmt, schema, target, shared.value)
 
     rows = listing.to_pylist()
     groups = pack_files([file.size for file in files], spark.sparkContext.defaultParallelism)

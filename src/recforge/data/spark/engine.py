@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from recforge.config import NegativesConfig, SchemaConfig, SparkConfig, SplitConfig, VocabConfig
+from recforge.data.attributes import Attributes
 from recforge.data.buckets import bucket_count
 from recforge.data.prepare import (
     SPLITS,
@@ -56,6 +57,7 @@ class SparkJob:
     vocab: VocabConfig
     negatives: NegativesConfig
     spark: SparkConfig
+    attributes: Attributes = Attributes()  # data.items / data.users, joined as each file is read
 
 
 class _Staging:
@@ -116,8 +118,8 @@ def _validated(stages: _Staging, job: SparkJob, validation_dir: Path, require_ro
 
     # One pass: reading a file is deterministic, so the duplicate window runs on the tasks' output directly
     # (error rows carry no reason and pass through it untouched).
-    checked = stages.keep(mark_duplicates(check_files(stages.spark, job.source, job.format, job.schema), job.schema),
-                          "validated")
+    checked = stages.keep(mark_duplicates(check_files(stages.spark, job.source, job.format, job.schema,
+                                                      job.attributes), job.schema), "validated")
     raise_unreadable(checked)
     checked = checked.filter(F.col("_error").isNull())
     validation = summarize(checked, job.schema)
