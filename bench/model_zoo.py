@@ -5,7 +5,7 @@ trained (timed) and evaluated on the held-out test split: ranking AUC/GAUC/loglo
 popularity baseline, and for two_tower full-catalog Recall/NDCG@10/20 and coverage beside the
 popularity and item co-occurrence baselines. DIN is also scored with its histories emptied.
 
-    .venv/bin/python bench/model_zoo.py [--datasets synthetic,movielens] [--models dnn,deepfm,...]
+    .venv/bin/python bench/model_zoo.py [--datasets synthetic,movielens,movielens-genres] [--models dnn,deepfm,...]
         [--movielens PATH/ratings.csv] [--out .bench/model_zoo.json]
 
 Prints a markdown table (for BENCHMARKS.md) and writes all numbers as JSON.
@@ -24,6 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("dnn", "deepfm", "dcnv2", "din", "two_tower")
 DEFAULT_MOVIELENS = REPO.parent / "shared" / "data" / "ml-latest-small" / "ratings.csv"
+# A data set run with another's configs plus overrides: MovieLens with each movie's genres (the
+# pipe-joined genre list of movies.csv as one categorical item feature, joined by data.items).
+VARIANTS = {"movielens-genres": ("movielens", [
+    f"data.items.path={DEFAULT_MOVIELENS.parent / 'movies.csv'}", "data.items.key=movieId",
+    "data.schema.item_features=[genres]"])}
 
 
 def recforge(*args: str) -> str:
@@ -37,13 +42,15 @@ def recforge(*args: str) -> str:
 def run_dataset(dataset: str, models: list[str], extra: list[str], workroot: Path) -> dict[str, dict]:
     results: dict[str, dict] = {}
     prepared: set[str] = set()
+    configs, variant_extra = VARIANTS.get(dataset, (dataset, []))
+    extra = [*extra, *variant_extra]
     for model in models:
-        config = f"configs/{dataset}/{model}.yaml"
-        workdir = workroot / dataset / ("implicit" if dataset == "movielens" and model == "two_tower" else "data")
+        config = f"configs/{configs}/{model}.yaml"
+        workdir = workroot / dataset / ("implicit" if configs == "movielens" and model == "two_tower" else "data")
         common = ["--config", config, *extra, f"workdir={workdir}", f"run_dir={workroot / dataset / model}",
                   "train.progress=false"]
         if str(workdir) not in prepared:
-            if dataset == "synthetic":
+            if configs == "synthetic":
                 recforge("data", "generate", *common)
             recforge("data", "prepare", *common)
             prepared.add(str(workdir))
@@ -107,8 +114,8 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     out: dict[str, dict] = {}
     for dataset in [d for d in args.datasets.split(",") if d]:
-        extra = [f"data.source={args.movielens}"] if dataset == "movielens" else []
-        if dataset == "movielens" and not args.movielens.is_file():
+        extra = [f"data.source={args.movielens}"] if dataset.startswith("movielens") else []
+        if dataset.startswith("movielens") and not args.movielens.is_file():
             raise SystemExit(f"MovieLens ratings not found at {args.movielens}; pass --movielens PATH")
         out[dataset] = run_dataset(dataset, models, extra, args.workroot)
         print(table(dataset, out[dataset]))
