@@ -38,8 +38,11 @@ MODELS = {
     "sasrec": ["model.name=sasrec", "model.embedding_dim=64", "model.attention_blocks=2", "model.attention_heads=2",
                "model.dropout=0.2"],
 }
+# SASRec trained with a softmax over the whole catalog instead of in-batch negatives (--models sasrec_full).
+MODELS["sasrec_full"] = [*MODELS["sasrec"], "model.retrieval_loss=full_softmax"]
 COMMON = ["train.epochs=30", "train.patience=3", "train.lr=0.001", "train.batch_size=512",
-          "train.early_stopping_metric=ndcg@10", "train.progress=false", "data.negatives.per_positive=1"]
+          "train.early_stopping_metric=ndcg@10", "train.progress=false", "data.negatives.per_positive=1",
+          "data.history_from=all"]  # each test item follows everything before it, the valid item too
 
 
 def main() -> None:
@@ -47,7 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default=".bench/sequential")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--splits", default=",".join(SPLITS))
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="two_tower,sasrec")
     args = parser.parse_args()
     out = Path(args.out)
     results: dict = {}
@@ -63,14 +66,15 @@ def main() -> None:
             cell: dict = {}
             for model in args.models.split(","):
                 run_cfg = config.load(path, [*base, *MODELS[model], f"run_dir={workdir / model}"])
+                name = run_cfg.model.name
                 started = time.time()
                 trained = train_model(run_cfg, log=lambda line: None)
                 seconds = time.time() - started
                 scores = evaluate_retrieval(run_cfg, "test", ks=(10, 20))
                 for scorer, metrics in scores.items():
-                    if scorer == model or scorer not in cell:
-                        cell[scorer] = {k: round(v, 4) for k, v in metrics.items()
-                                        if k.startswith(("recall", "ndcg", "users"))}
+                    if scorer == name or scorer not in cell:
+                        cell[model if scorer == name else scorer] = {
+                            k: round(v, 4) for k, v in metrics.items() if k.startswith(("recall", "ndcg", "users"))}
                 cell[model]["train_seconds"] = round(seconds, 1)
                 cell[model]["epochs"] = len(trained.state.history)
             results.setdefault(dataset, {})[split] = cell

@@ -229,7 +229,9 @@ class ModelConfig(Strict):
     # Two-tower retrieval: dot product of L2-normalized vectors divided by the temperature.
     temperature: float = Field(0.05, gt=0.0)
     normalize: bool = True
-    retrieval_loss: Literal["softmax", "bpr"] = "softmax"
+    # softmax: in-batch sampled softmax with logQ correction; bpr: against another row's item;
+    # full_softmax: every catalog item a negative each step ([batch, items] logits; catalogs to ~1e5).
+    retrieval_loss: Literal["softmax", "bpr", "full_softmax"] = "softmax"
     # dcnv2 only: cross layers, the rank of each layer's W = U V^T (None: full in_dim x in_dim),
     # and whether the deep MLP runs beside the cross network ("parallel") or on its output ("stacked").
     cross_layers: int = Field(3, ge=1)

@@ -62,3 +62,28 @@ def test_every_model_trains_with_a_falling_loss_and_scripts(name, tmp_path):
     scripted = torch.jit.script(model.eval())
     assert torch.allclose(scripted(full.categorical, full.numeric, full.history_values, full.history_offsets),
                           model(full.categorical, full.numeric, full.history_values, full.history_offsets), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in MODELS.items() if e.kind == "retrieval"))
+def test_full_softmax_is_cross_entropy_over_the_catalog_and_trains(name, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(FEATURES, ModelConfig(name=name, embedding_dim=8, hidden=[16], dropout=0.0), sparse=True)
+    data = _data()
+    positives = data.select(torch.nonzero(data.label > 0).squeeze(1))
+    catalog = torch.stack([torch.arange(31), torch.arange(31) % 5 + 1], dim=1)  # item id, its category
+    objective = InBatchRetrieval(model, torch.zeros(31), item_column=1, loss="full_softmax", catalog=catalog)
+    batch = positives.batch(torch.arange(64))
+    args = (batch.categorical, batch.numeric, batch.label, batch.history_values, batch.history_offsets)
+    model.eval()
+    with torch.no_grad():
+        users = model.user_vector(batch.categorical, batch.numeric, batch.history_values, batch.history_offsets)
+        logits = users @ model.item_vector(catalog).T / model.temperature
+        by_hand = -torch.log_softmax(logits, dim=1)[torch.arange(64), batch.categorical[:, 1]].mean()
+        assert float(objective(*args)) == pytest.approx(float(by_hand), rel=1e-5)
+        before = float(objective(*args))
+    model.train()
+    train(model, positives, None, TrainConfig(epochs=10, batch_size=256, lr=0.02, progress=False, checkpoint_every=0),
+          TrainOptions(tmp_path, seed=0, objective=objective, log=lambda _: None))
+    model.eval()
+    with torch.no_grad():
+        assert float(objective(*args)) < before - 0.05

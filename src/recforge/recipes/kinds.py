@@ -27,6 +27,9 @@ from recforge.models import ModelKind, model_entry
 from recforge.recipes.runs import item_catalog
 from recforge.train.objectives import InBatchRetrieval, Pointwise
 
+# The most logits a full-softmax step may hold (items x batch; 1 GiB of fp32 with their gradients).
+_FULL_SOFTMAX_LOGITS = 1 << 27
+
 Validator = Callable[[nn.Module], dict[str, float]]
 # The train split in memory, or streamed from its shards (train.data_loading).
 TrainSplit = SplitData | ShardStream
@@ -67,7 +70,15 @@ def in_batch_retrieval(model: nn.Module, train_data: TrainSplit, features: Featu
     if len(positives) == 0:
         raise ValueError("the training split has no positive rows to train a retrieval model on")
     log_q = torch.log((counts.double() + 1.0) / (counts.sum() + len(counts)))
-    return positives, InBatchRetrieval(model, log_q, item_column, cfg.model.retrieval_loss)
+    catalog = None
+    if cfg.model.retrieval_loss == "full_softmax":
+        catalog = item_catalog(cfg.resolved_prepared_dir, features)
+        logits = len(catalog) * cfg.train.batch_size
+        if logits > _FULL_SOFTMAX_LOGITS:
+            raise ValueError(f"retrieval_loss=full_softmax would score {len(catalog):,} items x batch "
+                             f"{cfg.train.batch_size:,} = {logits:,} logits each step; lower train.batch_size "
+                             "or use retrieval_loss=softmax (in-batch, logQ-corrected)")
+    return positives, InBatchRetrieval(model, log_q, item_column, cfg.model.retrieval_loss, catalog)
 
 
 def ranking_validator(prepared: Path, features: FeatureLayout, cfg: Config) -> Validator:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recforge.losses import bce_with_logits, bpr, sampled_softmax_with_logq
+from recforge.losses import bce_with_logits, bpr, full_softmax, sampled_softmax_with_logq
 from recforge.models.two_tower import TwoTower
 
 
@@ -26,24 +26,32 @@ class Pointwise(nn.Module):
 
 
 class InBatchRetrieval(nn.Module):
-    """Two-tower training on positive (user, item) rows: sampled softmax with logQ correction, or BPR.
+    """Two-tower training on positive (user, item) rows: in-batch sampled softmax with logQ correction,
+    BPR against another row's item, or a full softmax over the whole catalog.
 
-    `item_log_q` holds log of each item's share of training positives (index = item vocabulary id).
+    `item_log_q` holds log of each item's share of training positives (index = item vocabulary id);
+    `catalog` ([items, 1 + item features], item index order) is needed by the full softmax only.
     """
 
-    def __init__(self, model: TwoTower, item_log_q: torch.Tensor, item_column: int, loss: str = "softmax"):
+    def __init__(self, model: TwoTower, item_log_q: torch.Tensor, item_column: int, loss: str = "softmax",
+                 catalog: torch.Tensor | None = None):
         super().__init__()
-        if loss not in ("softmax", "bpr"):
-            raise ValueError(f"unknown retrieval loss '{loss}' (expected softmax or bpr)")
+        if loss not in ("softmax", "bpr", "full_softmax"):
+            raise ValueError(f"unknown retrieval loss '{loss}' (expected softmax, bpr or full_softmax)")
+        if loss == "full_softmax" and catalog is None:
+            raise ValueError("retrieval_loss=full_softmax needs the item catalog")
         self.model = model
         self.register_buffer("item_log_q", item_log_q.float())
+        self.register_buffer("catalog", catalog if catalog is not None else torch.zeros((0, 1), dtype=torch.long))
         self.item_column = item_column
         self.loss = loss
 
     def forward(self, categorical, numeric, label, history_values, history_offsets):  # noqa: ANN001, ANN201
         user = self.model.user_vector(categorical, numeric, history_values, history_offsets)
-        item = self.model.item_vector(categorical.index_select(1, self.model.item_columns))
         item_ids = categorical[:, self.item_column]
+        if self.loss == "full_softmax":
+            return full_softmax(user, self.model.item_vector(self.catalog), item_ids, self.model.temperature)
+        item = self.model.item_vector(categorical.index_select(1, self.model.item_columns))
         if self.loss == "bpr":
             negative = item.roll(1, dims=0)  # another row's item: an in-batch negative
             return bpr((user * item).sum(-1), (user * negative).sum(-1))
