@@ -251,6 +251,10 @@ class TrainConfig(Strict):
     # reaches the embedding rows a batch touches (untouched rows are not decayed, see train/optim.py);
     # with adam, every row every step; sparse_adam cannot apply it (an error when set).
     weight_decay: float = Field(0.0, ge=0.0)
+    # Rankers: each training row's user id and item id are replaced by the unknown index (0) with this
+    # probability, independently, so the unknown rows learn what an id unseen in training should get
+    # (otherwise every new user or item at serving time meets a row no example ever updated).
+    id_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # adam: one dense Adam over everything (updates every embedding row every step).
     # rowwise_adam: sparse embedding gradients + lazy Adam on the rows a batch touches (the fast
     # path; see BENCHMARKS.md for its cost in AUC), Adam for the dense rest.

@@ -49,8 +49,9 @@ class KindRecipe:
 
 def pointwise(model: nn.Module, train_data: TrainSplit, features: FeatureLayout,
               cfg: Config) -> tuple[TrainSplit, nn.Module]:
-    """A ranker trains on every row: BCE of its logit against the click label."""
-    return train_data, Pointwise(model)
+    """A ranker trains on every row: BCE of its logit against the click label (train.id_dropout: the
+    user and item ids of some rows replaced by unknown)."""
+    return train_data, Pointwise(model, (features.column("user"), features.item_column), cfg.train.id_dropout)
 
 
 def in_batch_retrieval(model: nn.Module, train_data: TrainSplit, features: FeatureLayout,

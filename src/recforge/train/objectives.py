@@ -15,14 +15,32 @@ from recforge.models.two_tower import TwoTower
 
 
 class Pointwise(nn.Module):
-    """Click prediction: BCE of the model's logit against the 0/1 label (rankers)."""
+    """Click prediction: BCE of the model's logit against the 0/1 label (rankers).
 
-    def __init__(self, model: nn.Module):
+    With `id_dropout` > 0, each row's `id_columns` (user, item) are set to the unknown index 0 with that
+    probability while training, the same replacement for every table of the model (DeepFM's first-order
+    weights included), so the unknown rows are trained as the average new user or item.
+    """
+
+    def __init__(self, model: nn.Module, id_columns: tuple[int, ...] = (), id_dropout: float = 0.0):
         super().__init__()
         self.model = model
+        self.register_buffer("id_columns", torch.tensor(id_columns, dtype=torch.long), persistent=False)
+        self.id_dropout = id_dropout
 
     def forward(self, categorical, numeric, label, history_values, history_offsets):  # noqa: ANN001, ANN201
+        if self.training and self.id_dropout > 0 and len(self.id_columns):
+            categorical = unknown_ids(categorical, self.id_columns, self.id_dropout)
         return bce_with_logits(self.model(categorical, numeric, history_values, history_offsets), label)
+
+
+def unknown_ids(categorical: torch.Tensor, columns: torch.Tensor, rate: float) -> torch.Tensor:
+    """A copy of `categorical` with each (row, column in `columns`) set to 0 with probability `rate`."""
+    out = categorical.clone()
+    picked = out.index_select(1, columns)
+    drop = torch.rand(picked.shape, device=picked.device) < rate
+    out[:, columns] = picked.masked_fill(drop, 0)
+    return out
 
 
 class InBatchRetrieval(nn.Module):
