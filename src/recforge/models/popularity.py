@@ -49,7 +49,13 @@ def fit_popularity(categorical: np.ndarray, labels: np.ndarray, item_column: int
 
     Index 0 (unknown items) keeps whatever count the training rows give it, normally zero.
     """
-    items = categorical[:, item_column]
+    return popularity_from_items(categorical[:, item_column], labels, item_column, num_items)
+
+
+def popularity_from_items(items: np.ndarray, labels: np.ndarray, item_column: int, num_items: int
+                          ) -> PopularityRanker:
+    """fit_popularity from the training rows' item indices alone (what a split's shards give without
+    loading its other columns); the ranker scores rows by their `item_column`."""
     positives = np.bincount(items, weights=labels, minlength=num_items)
     score = np.log1p(positives[items])
     scale, bias = fit_platt(score, labels)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from recforge.config import Config
 from recforge.data.batches import SplitData
-from recforge.evaluate import evaluate
-from recforge.models.popularity import popularity_baseline
+from recforge.data.shards import split_column, split_shards
+from recforge.evaluate import evaluate_parts
+from recforge.models.popularity import popularity_from_items
 from recforge.recipes.runs import (
     Log,
     empty_split_message,
@@ -34,18 +37,27 @@ def evaluate_run(
     prepared = run_cfg.resolved_prepared_dir
     model = load_trained_model(run_dir)
     warn_environment_drift(run_dir, log)
-    data = SplitData.load(prepared, split)
-    if len(data) == 0:
+    if sum(shard.rows for shard in split_shards(prepared, split)) == 0:
         raise ValueError(empty_split_message(prepared, split))
-    if without_history and data.history_offsets is not None:
-        data = dataclasses.replace(data, history_values=torch.zeros(0, dtype=torch.long),
-                                   history_offsets=torch.zeros(len(data) + 1, dtype=torch.long))
-    train_data = SplitData.load(prepared, "train")
     features = feature_layout(prepared)
-    popularity = popularity_baseline(train_data, features)
+    # The baseline needs each training row's item and label only, not the split's other columns.
+    item_column = features.item_column
+    train_items = np.concatenate([np.asarray(shard.load()["categorical"][:, item_column])
+                                  for shard in split_shards(prepared, "train")])
+    popularity = popularity_from_items(train_items, split_column(prepared, "train", "label").astype(np.float64),
+                                       item_column, features.cardinalities[item_column])
+
+    def parts() -> Iterator[SplitData]:
+        """The split one shard at a time: memory holds one shard, plus 24 bytes a row for the metrics."""
+        for part in SplitData.each_shard(prepared, split):
+            if without_history and part.history_offsets is not None:
+                part = dataclasses.replace(part, history_values=torch.zeros(0, dtype=torch.long),
+                                           history_offsets=torch.zeros(len(part) + 1, dtype=torch.long))
+            yield part
+
     results = {
-        "model": evaluate(model, data, cfg.train.eval_batch_size),
-        "popularity": evaluate(popularity, data, cfg.train.eval_batch_size),
+        "model": evaluate_parts(model, parts(), cfg.train.eval_batch_size),
+        "popularity": evaluate_parts(popularity, parts(), cfg.train.eval_batch_size),
     }
     suffix = "_without_history" if without_history else ""
     write_json(run_dir / f"evaluation_{split}{suffix}.json", {"split": split, **results})
