@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from recforge import bundle, storage
-from recforge.data.batches import SplitData
+from recforge.data.batches import Batch, SplitData
+from recforge.data.shards import split_shards
 from recforge.features import FEATURES_FILE, FeatureLayout
 from recforge.recipes.kinds import kind_recipe
 from recforge.recipes.runs import feature_layout, item_catalog, load_run_config, load_trained_model
@@ -25,20 +26,35 @@ def popularity_tables(prepared: Path, features: FeatureLayout) -> dict[str, np.n
     [item rows]) and per context value x item row (one float32 [field rows, item rows] per context field).
 
     What a server falls back to for a user it cannot personalize: the most clicked items, or the
-    most clicked in the request's context (device, hour, ...). One bincount per table, no row loop.
+    most clicked in the request's context (device, hour, ...). One bincount per table and shard, no
+    row loop; the split is read a shard at a time (its positives' categorical columns only).
     """
-    train_data = SplitData.load(prepared, "train")
-    positive = (train_data.label > 0).numpy()
-    categorical = train_data.categorical.numpy()[positive]
     item_column = features.item_column
     n_items = features.cardinalities[item_column]
-    items = categorical[:, item_column]
-    tables = {"overall": np.bincount(items, minlength=n_items).astype(np.float32)}
-    for col in features.columns("context"):
-        rows = features.cardinalities[col]
-        flat = np.bincount(categorical[:, col] * n_items + items, minlength=rows * n_items)
-        tables[features.categorical[col]] = flat.reshape(rows, n_items).astype(np.float32)
+    context = features.columns("context")
+    overall = np.zeros(n_items, dtype=np.int64)
+    by_context = {col: np.zeros(features.cardinalities[col] * n_items, dtype=np.int64) for col in context}
+    for shard in split_shards(prepared, "train"):
+        columns = shard.load()
+        categorical = np.asarray(columns["categorical"][np.asarray(columns["label"]) > 0])
+        items = categorical[:, item_column]
+        overall += np.bincount(items, minlength=n_items)
+        for col in context:
+            by_context[col] += np.bincount(categorical[:, col] * n_items + items, minlength=len(by_context[col]))
+    tables = {"overall": overall.astype(np.float32)}
+    for col in context:
+        tables[features.categorical[col]] = by_context[col].reshape(-1, n_items).astype(np.float32)
     return tables
+
+
+def parity_rows_of(prepared: Path, count: int) -> Batch:
+    """Up to `count` held-out rows (test, else valid) to check an export on, from the first shard that has
+    any: an export reads one shard, not the split."""
+    for split in ("test", "valid"):
+        for part in SplitData.each_shard(prepared, split):
+            if len(part):
+                return part.batch(torch.arange(min(count, len(part))))
+    raise ValueError(f"{prepared} has no test or valid rows to check the exported model on")
 
 
 def export_run(run: Path, out: Path | str, *, formats: tuple[str, ...] = ("torchscript",),
@@ -71,12 +87,7 @@ def export_run(run: Path, out: Path | str, *, formats: tuple[str, ...] = ("torch
     run_cfg = load_run_config(run)
     model = load_trained_model(run)
     prepared = run_cfg.resolved_prepared_dir
-    held_out = SplitData.load(prepared, "test")
-    if len(held_out) == 0:
-        held_out = SplitData.load(prepared, "valid")
-    if len(held_out) == 0:
-        raise ValueError(f"{prepared} has no test or valid rows to check the exported model on")
-    rows = held_out.batch(torch.arange(min(parity_rows, len(held_out))))
+    rows = parity_rows_of(prepared, parity_rows)
     features = feature_layout(prepared)
     catalog = item_catalog(prepared, features).numpy()
     item_rows = features.cardinalities[features.item_column]
