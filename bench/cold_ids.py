@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu
 
 from recforge import config
 from recforge.data.batches import SplitData
@@ -24,16 +24,6 @@ from recforge.metrics import auc, logloss
 from recforge.recipes.prepare import prepare_data
 from recforge.recipes.runs import load_trained_model
 from recforge.recipes.train import train_model
-
-
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return f"{model} ({'avx512_bf16' if 'avx512_bf16' in flags else 'no avx512_bf16'})"
 
 
 def _scores(labels: np.ndarray, logits: np.ndarray, rows: np.ndarray) -> dict:
@@ -61,7 +51,7 @@ def main() -> None:
     user = test.categorical[:, features.column("user")].numpy()
     item = test.categorical[:, features.item_column].numpy()
     groups = {"all": np.ones(len(labels), bool), "unseen users": user == 0, "unseen items": item == 0}
-    results: dict = {"cpu": _cpu(), "config": args.config}
+    results: dict = {"cpu": cpu(), "config": args.config}
     for rate in args.rates.split(","):
         run_cfg = config.load(args.config, [*base, f"train.id_dropout={rate}", f"run_dir={out / f'rate-{rate}'}"])
         trained = train_model(run_cfg, log=lambda line: None)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -38,21 +37,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _machine import cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench" / "data_scale"
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _START = 1_767_225_600  # 2026-01-01
 _RECFORGE = [str(Path(sys.executable).with_name("recforge"))]
-
-
-def cpu() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                 platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no avx2'})"
 
 
 def generate(events: int, out: Path, file_rows: int, seed: int = 0, hot_user_events: int = 0) -> Path:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
+
+from _machine import cpu
 
 from recforge import config
 from recforge.recipes.evaluate import evaluate_run
@@ -36,14 +37,6 @@ DATASETS = {
 }
 
 
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return f"{model} ({'avx512_bf16' if 'avx512_bf16' in flags else 'no avx512_bf16'})"
 
 
 def _metrics(result: dict) -> dict:
@@ -57,7 +50,7 @@ def main() -> None:
     parser.add_argument("--history-from", default="train,all")
     args = parser.parse_args()
     out = Path(args.out)
-    results: dict = {"cpu": _cpu()}
+    results: dict = {"cpu": cpu()}
     for dataset in args.datasets.split(","):
         spec = DATASETS[dataset]
         for history_from in args.history_from.split(","):

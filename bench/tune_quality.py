@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
+from _machine import cpu
+
 from recforge import config
 from recforge.recipes.evaluate import evaluate_run
 from recforge.recipes.train import train_model
 from recforge.recipes.tune import load_space, tune, with_values
-
-
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return f"{model} ({'avx512_bf16' if 'avx512_bf16' in flags else 'no avx512_bf16'})"
 
 
 def main() -> None:
@@ -60,7 +51,7 @@ def main() -> None:
         test = evaluate_run(run_cfg, "test", log=lambda line: None)
         rows[name] = {"valid_" + study.metric: (study.baseline if name == "as_given" else study.best).value,
                       "test": test["model"], "params": values}
-    print(json.dumps({"cpu": _cpu(), "config": args.config, "space": args.space, "trials": len(study.trials),
+    print(json.dumps({"cpu": cpu(), "config": args.config, "space": args.space, "trials": len(study.trials),
                       "states": dict(Counter(t.state for t in study.trials)), "search_seconds": round(searched, 1),
                       "best_trial": study.best.number, **rows}, indent=2))
 

@@ -99,6 +99,8 @@ def test_predict_reads_a_raw_file_with_the_same_attributes(tables):
     ("numeric", "which the schema lists as numeric; item attributes go in schema.item_features"),
     ("nothing used", "would add nothing"),
     ("missing file", "no such file"),
+    ("corrupt parquet", "cannot read"),
+    ("no header", "cannot read"),
 ])
 def test_a_bad_attribute_table_is_an_error_naming_it(tables, setup, message):
     path = tables / "bad.csv"
@@ -123,6 +125,10 @@ def test_a_bad_attribute_table_is_an_error_naming_it(tables, setup, message):
         rows = "item_id,title\n1,x\n"
     elif setup == "missing file":
         items["path"] = str(tables / "absent.csv")
+    elif setup == "corrupt parquet":
+        rows = "PAR1 and then nothing a parquet reader can use"
+    elif setup == "no header":
+        rows = ""
     path.write_text(rows)
     cfg = _config(tables, items=items, schema=schema)
     with pytest.raises(DataError, match=re.escape(message)) as caught:

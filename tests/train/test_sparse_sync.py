@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from recforge.train.sparse_sync import SparseGradientSync, sparse_parameter_names
+from recforge.train.sparse_sync import SparseGradientSync, sparse_parameters
 
 # Per rank and case: the rows its batch looks up (None: the table is not used at all this step).
 CASES = {
@@ -63,4 +63,5 @@ def test_two_ranks_end_with_the_mean_of_their_sparse_gradients(tmp_path):
 def test_only_sparse_tables_are_named():
     model = torch.nn.ModuleDict({"ids": torch.nn.Embedding(4, 2, sparse=True), "dense": torch.nn.Embedding(4, 2),
                                  "mlp": torch.nn.Linear(2, 1)})
-    assert sparse_parameter_names(model) == ["ids.weight"]
+    assert list(sparse_parameters(model)) == ["ids.weight"]
+    assert sparse_parameters(model)["ids.weight"] is model["ids"].weight

@@ -12,7 +12,6 @@ a table with a repeated or missing id, or a column the log also has, is an error
 
 from __future__ import annotations
 
-import csv
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 
 from recforge.config import AttributeSource, DataConfig, SchemaConfig
 from recforge.data.schema import DataError
+from recforge.data.sources import read_header
 from recforge.data.validate import as_text
 from recforge.storage import get_file, is_remote
 
@@ -45,8 +45,6 @@ class AttributeTable:
     columns: dict[str, pa.Array]  # attribute column -> values, aligned with ids
 
     def join(self, events: pa.Table) -> pa.Table:
-        if self.key not in events.column_names:
-            return events  # the reader names the missing id column
         at = pc.index_in(as_text(events.column(self.key), self.key), value_set=self.ids)
         for name, values in self.columns.items():
             events = events.append_column(name, values.take(at))
@@ -69,7 +67,7 @@ class Attributes:
         if not joined:
             return schema
         return schema.model_copy(update={role: [c for c in getattr(schema, role) if c not in joined]
-                                         for role in ("context", "item_features", "numeric")})
+                                         for role in {r for roles in _ROLES.values() for r in roles}})
 
     def join(self, events: pa.Table) -> pa.Table:
         """`events` (read with file_schema(), `columns` passed as the reader's `joined`) with the attributes."""
@@ -142,16 +140,9 @@ def _read_local(path: Path, source: AttributeSource) -> pa.Table:
     try:
         if fmt == "parquet":
             return pq.read_table(path)
-        header = _csv_header(path)
+        header = read_header(path)
         return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
             column_types={c: pa.string() for c in header}, strings_can_be_null=False))
     except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {source.path} as {fmt}: {str(exc).splitlines()[0]}") from exc
 
-
-def _csv_header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig") as handle:
-        line = handle.readline().rstrip("\r\n")
-    if not line:
-        raise DataError(f"{path}: empty file, no header")
-    return next(csv.reader([line]))

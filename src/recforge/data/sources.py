@@ -150,7 +150,7 @@ def detect_format(path: str | Path) -> FileFormat:
         return "parquet"
     if lower.endswith(".csv"):
         _check_not_empty(file)
-        return "movielens" if _read_header(file) == _MOVIELENS_CSV_HEADER else "csv"
+        return "movielens" if read_header(file) == _MOVIELENS_CSV_HEADER else "csv"
     raise DataError(
         f"cannot tell the format of {file} from its name (expected .parquet, .pq, .csv, .dat or u.data); "
         "set the data format to parquet, csv or movielens"
@@ -289,7 +289,7 @@ def _read_parquet(file: Path, schema: SchemaConfig, joined: tuple[str, ...]) -> 
     return parquet.read(columns=required_columns(schema))
 
 
-def _read_header(file: Path) -> list[str]:
+def read_header(file: Path) -> list[str]:
     """The first line of a delimited file, parsed with CSV quoting rules."""
     with open(file, "rb") as handle:
         head = handle.readline(_HEADER_LIMIT)
@@ -319,7 +319,7 @@ def _text_options(columns: list[str]) -> pcsv.ConvertOptions:
 
 
 def _read_csv(file: Path, schema: SchemaConfig, joined: tuple[str, ...]) -> tuple[pa.Table, Malformed]:
-    header = _read_header(file)
+    header = read_header(file)
     check_columns(header, schema, str(file), joined)
     columns = required_columns(schema)
     repeated = [name for name in columns if header.count(name) > 1]
@@ -396,7 +396,7 @@ def _read_movielens(file: Path, schema: SchemaConfig, joined: tuple[str, ...]) -
         return table.select(columns), malformed
     names = list(MOVIELENS_COLUMNS)
     if lower.endswith(".csv"):
-        header = _read_header(file)
+        header = read_header(file)
         if header != _MOVIELENS_CSV_HEADER:
             raise DataError(
                 f"{file}: header {','.join(header)} is not the MovieLens ratings.csv header "

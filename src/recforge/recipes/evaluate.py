@@ -10,7 +10,7 @@ import torch
 
 from recforge.config import Config
 from recforge.data.batches import SplitData
-from recforge.data.shards import split_column, split_shards
+from recforge.data.shards import split_shards
 from recforge.evaluate import evaluate_parts
 from recforge.models.popularity import popularity_from_items
 from recforge.recipes.runs import (
@@ -42,10 +42,13 @@ def evaluate_run(
     features = feature_layout(prepared)
     # The baseline needs each training row's item and label only, not the split's other columns.
     item_column = features.item_column
-    train_items = np.concatenate([np.asarray(shard.load()["categorical"][:, item_column])
-                                  for shard in split_shards(prepared, "train")])
-    popularity = popularity_from_items(train_items, split_column(prepared, "train", "label").astype(np.float64),
-                                       item_column, features.cardinalities[item_column])
+    items, labels = [], []
+    for shard in split_shards(prepared, "train"):
+        columns = shard.load()
+        items.append(np.asarray(columns["categorical"][:, item_column]))
+        labels.append(np.asarray(columns["label"], dtype=np.float64))
+    popularity = popularity_from_items(np.concatenate(items), np.concatenate(labels), item_column,
+                                       features.cardinalities[item_column])
 
     def parts() -> Iterator[SplitData]:
         """The split one shard at a time: memory holds one shard, plus 24 bytes a row for the metrics."""

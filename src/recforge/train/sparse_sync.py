@@ -3,9 +3,10 @@
 DDP hands a sparse gradient to the process group's sparse all-reduce. On gloo that path fails when the
 ranks' gradients differ in shape (pytorch/pytorch#87497: a rank whose batch touches no row of a
 table), and it has crashed a rank outright (SIGSEGV in a gloo thread, mid-backward) in two-process CPU
-runs under load. The embedding tables are therefore left out of DDP and synchronized here with two
-dense all_gathers of padded (row, value) pairs: collectives every backend implements, one code path,
-and every rank ends with the identical coalesced mean, so the replicas cannot drift apart.
+runs under load. The embedding tables are therefore left out of DDP and synchronized here with dense
+all_gathers (each rank's row count, then its (row, values) pairs packed and padded to the longest):
+collectives every backend implements, one code path, and every rank ends with the identical coalesced
+mean, so the replicas cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import math
 import torch
 
 
-def sparse_parameter_names(module: torch.nn.Module) -> list[str]:
-    """Names (as `module.named_parameters()` gives them) of the tables that produce sparse gradients."""
-    names = []
+def sparse_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The tables that produce sparse gradients, by name (as `module.named_parameters()` names them):
+    what the lazy optimizers update and what DDP leaves to SparseGradientSync."""
+    found = {}
     for prefix, child in module.named_modules():
         if isinstance(child, torch.nn.Embedding) and child.sparse:
-            names += [f"{prefix}.{name}" if prefix else name for name, _ in child.named_parameters(recurse=False)]
-    return names
+            for name, parameter in child.named_parameters(recurse=False):
+                found[f"{prefix}.{name}" if prefix else name] = parameter
+    return found
 
 
 class SparseGradientSync:

@@ -32,7 +32,7 @@ from recforge.runtime import DistContext, choose_device, tune_allocator
 from recforge.train.checkpoint import RunState, load_checkpoint, mirror_run, save_checkpoint, save_weights
 from recforge.train.objectives import Pointwise
 from recforge.train.optim import RowWiseAdam
-from recforge.train.sparse_sync import SparseGradientSync, sparse_parameter_names
+from recforge.train.sparse_sync import SparseGradientSync, sparse_parameters
 
 Validator = Callable[[torch.nn.Module], dict[str, float]]
 # What train() reads its rows from: a split in memory, or its shards streamed (train.data_loading).
@@ -71,10 +71,7 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opti
     batch touches through RowWiseAdam (sparse_adam has no decay, so asking for both is an error)."""
     if cfg.optimizer == "adam":
         return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
-    sparse, dense = [], []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding) and module.sparse:
-            sparse.extend(module.parameters(recurse=False))
+    sparse = list(sparse_parameters(model).values())
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     if not sparse:
@@ -566,17 +563,19 @@ def _wrap_ddp(model: torch.nn.Module, dist_ctx: DistContext, device: torch.devic
         return model, None
     from torch.nn.parallel import DistributedDataParallel
 
-    sparse = sparse_parameter_names(model)
+    sparse = sparse_parameters(model)
     if device.type == "cuda" and sparse:
         raise ValueError("sparse embedding gradients are not synchronized across GPUs yet: use train.optimizer=adam "
                          "for multi-GPU runs")
     sync = None
     if sparse:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse)
-        named = dict(model.named_parameters())
-        sync = SparseGradientSync([named[name] for name in sparse], dist_ctx.world_size)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(sparse))
+        sync = SparseGradientSync(list(sparse.values()), dist_ctx.world_size)
         sync.broadcast_from_main()
-    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Every buffer of the models and objectives is a constant built the same on each rank (field offsets,
+    # column lists, logQ, the item catalog), so DDP need not re-broadcast them before every forward.
+    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
     return wrapped, sync
 
 
